@@ -1,0 +1,1 @@
+"""Fast plain-PyTorch kernel paths (the default backend on CPU)."""

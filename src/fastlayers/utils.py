@@ -1,0 +1,101 @@
+"""Small helpers shared by every layer: no device queries, no triton import at module level."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=1)
+def is_triton_available() -> bool:
+    """True when the `triton` package can be imported (checked lazily, once)."""
+    try:
+        if importlib.util.find_spec("triton") is None:
+            return False
+        import triton  # noqa: F401
+    except Exception:  # broken or blocked installs count as "not available"
+        return False
+    return True
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+DTYPE_NAMES = {
+    torch.float64: "fp64",
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def describe(t: torch.Tensor | None) -> str:
+    if t is None:
+        return "None"
+    return f"Tensor{tuple(t.shape)}:{dtype_name(t.dtype)}@{t.device.type}"
+
+
+def check_tensor(
+    name: str,
+    t: torch.Tensor,
+    *,
+    ndim: int | tuple[int, ...] | None = None,
+    shape: tuple[int | None, ...] | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    device: torch.device | None = None,
+) -> None:
+    """Raise TypeError/ValueError naming `name` and the bad value, before any kernel runs."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if t.dim() not in allowed:
+            raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dims, got shape {tuple(t.shape)}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[dtype_name(d) for d in dtypes]}, got {dtype_name(t.dtype)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def new_seed(generator: torch.Generator | None = None) -> int:
+    """Draw a 63-bit dropout seed from `generator` (or torch's global CPU RNG, so torch.manual_seed reproduces)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+
+
+def keep_mask(
+    shape: tuple[int, ...], p: float, seed: int, device: torch.device | str, offset: int = 0
+) -> torch.Tensor:
+    """Deterministic Bernoulli keep-mask (True = keep, prob 1-p) from (seed, offset).
+
+    The torch backends regenerate the same mask in backward from the same (seed, offset) instead of
+    storing it. The Triton backends use `tl.rand(seed, offsets)`, a different stream: the masks differ
+    across backends, never within one.
+    """
+    device = torch.device(device)
+    g = torch.Generator(device=device)
+    g.manual_seed((int(seed) + 0x9E3779B97F4A7C15 * int(offset)) % (2**63))
+    return torch.rand(shape, generator=g, device=device) >= p
