@@ -1,0 +1,445 @@
+"""Block-sparse flash attention in Triton: only the kept blocks of a (H, nb, nb) layout are visited.
+
+The layout becomes a CSR-like index once per layout (`layout_index`): per (head, query block) the number of kept
+key blocks and their ids (`kv_num`, `kv_idx`), and the transpose (`q_num`, `q_idx`) for the dk/dv pass. The
+forward runs one program per (query tile, batch·head) over the kept key blocks of its row with an online
+softmax in base 2 and saves the log-sum-exp; the backward recomputes the probabilities: dq per query tile
+(row-wise) and dk/dv per key tile (column-wise, from the transposed index). rpe, key padding and attention
+masks enter as additive fp32 biases (`HAS_*` constexprs). Rows with no allowed key give zeros (lse = +inf).
+
+Based on the structure of the Triton fused-attention tutorial (06, https://github.com/triton-lang/triton,
+python/tutorials/06-fused-attention.py) and FlexAttention's block-sparse iteration (kv_num_blocks/kv_indices).
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlayers.kernels.triton._common import AOT_DTYPES
+from fastlayers.kernels.triton.aot import AotSpec
+from fastlayers.utils import next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _block_sparse_attn_fwd_kernel(
+    Q, K, V, Out, Lse,  # (B, H, S, D) x4 and (B, H, S) fp32
+    Rpe, Kpm, Am,  # additive biases: (B|1, H, S, S) q dtype; (B, S) fp32; (S, S) fp32
+    KvNum, KvIdx,  # (H, nb) int32 kept blocks per row; (H, nb, max_kept) int32 their column ids
+    stride_qb, stride_qh, stride_qs, stride_qd,  #
+    stride_kb, stride_kh, stride_ks, stride_kd,  #
+    stride_vb, stride_vh, stride_vs, stride_vd,  #
+    stride_ob, stride_oh, stride_os, stride_od,  #
+    stride_rb, stride_rh, stride_rm, stride_rn,  #
+    stride_kpb, stride_kpn,  #
+    stride_amm, stride_amn,  #
+    stride_nh, stride_nn,  #
+    stride_ih, stride_in, stride_it,  #
+    H, S, HEAD_DIM,  #
+    qk_scale,  # softmax_scale * log2(e)
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  #
+    HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, DOT_PREC: tl.constexpr,  #
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    qblk = (pid_m * BLOCK_M) // BLOCK  # block row of this query tile
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    # -- load the query tile once; all math in fp32, dots in the input dtype --
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=d_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_kv = tl.load(KvNum + h * stride_nh + qblk * stride_nn)
+    idx_base = KvIdx + h * stride_ih + qblk * stride_in
+    for t in range(0, n_kv):
+        kblk = tl.load(idx_base + t * stride_it).to(tl.int64)
+        for sub in tl.static_range(BLOCK // BLOCK_N):
+            offs_n = kblk * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+            k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                        mask=d_ok[None, :], other=0.0)
+            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                        mask=d_ok[None, :], other=0.0)
+            # -- scores in base 2: s = (q.k * scale + biases) * log2(e) --
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            if HAS_RPE:
+                s += tl.load(Rpe + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm
+                             + offs_n[None, :] * stride_rn).to(tl.float32) * 1.4426950408889634
+            if HAS_KPM:
+                s += tl.load(Kpm + b * stride_kpb + offs_n * stride_kpn)[None, :] * 1.4426950408889634
+            if HAS_AM:
+                s += tl.load(Am + offs_m[:, None] * stride_amm + offs_n[None, :] * stride_amn) * 1.4426950408889634
+            # -- online softmax; a row that is still all -inf keeps m = -inf and uses 0 as its shift --
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+    # -- rows with no allowed key: out = 0 and lse = +inf (so the backward's exp2(s - lse) is 0) --
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), tl.where(empty, 0.0, m_i) + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(Lse + pid_bh * S + offs_m, lse)
+
+
+@triton.jit
+def _block_sparse_attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, Lse, Delta,  # (B, H, S, D) x5; lse, delta (B, H, S) fp32
+    Rpe, Kpm, Am, DRpe,  # biases as in the forward; DRpe (B, H, S, S) fp32 (only kept blocks are written)
+    KvNum, KvIdx,  #
+    stride_qb, stride_qh, stride_qs, stride_qd,  #
+    stride_kb, stride_kh, stride_ks, stride_kd,  #
+    stride_vb, stride_vh, stride_vs, stride_vd,  #
+    stride_dob, stride_doh, stride_dos, stride_dod,  #
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,  #
+    stride_rb, stride_rh, stride_rm, stride_rn,  #
+    stride_kpb, stride_kpn,  #
+    stride_amm, stride_amn,  #
+    stride_drb, stride_drh, stride_drm, stride_drn,  #
+    stride_nh, stride_nn,  #
+    stride_ih, stride_in, stride_it,  #
+    H, S, HEAD_DIM,  #
+    qk_scale, sm_scale,  #
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  #
+    HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, HAS_DRPE: tl.constexpr,  #
+    DOT_PREC: tl.constexpr,  #
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    qblk = (pid_m * BLOCK_M) // BLOCK
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=d_ok[None, :], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+                 mask=d_ok[None, :], other=0.0)
+    lse = tl.load(Lse + pid_bh * S + offs_m)
+    delta = tl.load(Delta + pid_bh * S + offs_m)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_kv = tl.load(KvNum + h * stride_nh + qblk * stride_nn)
+    idx_base = KvIdx + h * stride_ih + qblk * stride_in
+    for t in range(0, n_kv):
+        kblk = tl.load(idx_base + t * stride_it).to(tl.int64)
+        for sub in tl.static_range(BLOCK // BLOCK_N):
+            offs_n = kblk * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+            k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                        mask=d_ok[None, :], other=0.0)
+            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                        mask=d_ok[None, :], other=0.0)
+            # -- recompute p = exp2(s - lse) (base 2, as in the forward) --
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            if HAS_RPE:
+                s += tl.load(Rpe + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm
+                             + offs_n[None, :] * stride_rn).to(tl.float32) * 1.4426950408889634
+            if HAS_KPM:
+                s += tl.load(Kpm + b * stride_kpb + offs_n * stride_kpn)[None, :] * 1.4426950408889634
+            if HAS_AM:
+                s += tl.load(Am + offs_m[:, None] * stride_amm + offs_n[None, :] * stride_amn) * 1.4426950408889634
+            p = tl.math.exp2(s - lse[:, None])
+            # -- ds = p * (dO.vᵀ - delta) is the gradient of the (unscaled) biased score --
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            if HAS_DRPE:
+                tl.store(DRpe + b * stride_drb + h * stride_drh + offs_m[:, None] * stride_drm
+                         + offs_n[None, :] * stride_drn, ds)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=d_ok[None, :])
+
+
+@triton.jit
+def _block_sparse_attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, Lse, Delta,  # (B, H, S, D) x6; lse, delta (B, H, S) fp32
+    Rpe, Kpm, Am,  #
+    QNum, QIdx,  # (H, nb) query blocks that keep each key block; (H, nb, max_rows) their row ids
+    stride_qb, stride_qh, stride_qs, stride_qd,  #
+    stride_kb, stride_kh, stride_ks, stride_kd,  #
+    stride_vb, stride_vh, stride_vs, stride_vd,  #
+    stride_dob, stride_doh, stride_dos, stride_dod,  #
+    stride_dkb, stride_dkh, stride_dks, stride_dkd,  #
+    stride_dvb, stride_dvh, stride_dvs, stride_dvd,  #
+    stride_rb, stride_rh, stride_rm, stride_rn,  #
+    stride_kpb, stride_kpn,  #
+    stride_amm, stride_amn,  #
+    stride_nh, stride_nn,  #
+    stride_ih, stride_in, stride_it,  #
+    H, S, HEAD_DIM,  #
+    qk_scale, sm_scale,  #
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  #
+    HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, DOT_PREC: tl.constexpr,  #
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    kblk = (pid_n * BLOCK_N) // BLOCK  # block column of this key tile
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=d_ok[None, :], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=d_ok[None, :], other=0.0)
+    if HAS_KPM:
+        kpm = tl.load(Kpm + b * stride_kpb + offs_n * stride_kpn) * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    n_q = tl.load(QNum + h * stride_nh + kblk * stride_nn)
+    idx_base = QIdx + h * stride_ih + kblk * stride_in
+    for t in range(0, n_q):
+        qblk = tl.load(idx_base + t * stride_it).to(tl.int64)
+        for sub in tl.static_range(BLOCK // BLOCK_M):
+            offs_m = qblk * BLOCK + sub * BLOCK_M + tl.arange(0, BLOCK_M)
+            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                        mask=d_ok[None, :], other=0.0)
+            do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
+                         + offs_d[None, :] * stride_dod, mask=d_ok[None, :], other=0.0)
+            lse = tl.load(Lse + pid_bh * S + offs_m)
+            delta = tl.load(Delta + pid_bh * S + offs_m)
+            # -- transposed scores sT[n, m] (keys along rows), base 2 --
+            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+            if HAS_RPE:
+                sT += tl.load(Rpe + b * stride_rb + h * stride_rh + offs_m[None, :] * stride_rm
+                              + offs_n[:, None] * stride_rn).to(tl.float32) * 1.4426950408889634
+            if HAS_KPM:
+                sT += kpm[:, None]
+            if HAS_AM:
+                sT += tl.load(Am + offs_m[None, :] * stride_amm + offs_n[:, None] * stride_amn) * 1.4426950408889634
+            pT = tl.math.exp2(sT - lse[None, :])
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host side: layout index, launch configuration, launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayoutIndex:
+    """CSR-like index of a (H, nb, nb) layout, on the kernels' device (int32)."""
+
+    kv_num: torch.Tensor  # (H, nb) kept key blocks of each query-block row
+    kv_idx: torch.Tensor  # (H, nb, max(1, max kv_num)) their column ids, increasing, padded with 0
+    q_num: torch.Tensor  # (H, nb) query-block rows that keep each key-block column
+    q_idx: torch.Tensor  # (H, nb, max(1, max q_num)) their row ids
+
+
+def _csr(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    nb = keep.shape[-1]
+    num = keep.sum(-1)
+    width = max(1, int(num.max()) if num.numel() else 1)
+    col = torch.arange(nb)
+    order = torch.argsort((~keep).to(torch.int64) * nb + col, dim=-1, stable=True)[..., :width]
+    idx = torch.where(col[:width] < num[..., None], order, torch.zeros_like(order))
+    return num.to(torch.int32), idx.to(torch.int32)
+
+
+def build_layout_index(layout: torch.Tensor, device: torch.device) -> LayoutIndex:
+    keep = layout.detach().to("cpu") != 0  # (H, nb, nb)
+    kv_num, kv_idx = _csr(keep)
+    q_num, q_idx = _csr(keep.transpose(1, 2))
+    return LayoutIndex(*(t.contiguous().to(device) for t in (kv_num, kv_idx, q_num, q_idx)))
+
+
+_INDEX_CACHE: OrderedDict = OrderedDict()
+
+
+def layout_index(layout: torch.Tensor, device: torch.device) -> LayoutIndex:
+    """`build_layout_index`, cached per layout (verified by content, so in-place edits are seen)."""
+    key = (layout.data_ptr(), tuple(layout.shape), layout.dtype, layout.device, torch.device(device))
+    hit = _INDEX_CACHE.get(key)
+    if hit is not None and torch.equal(hit[0], layout):
+        _INDEX_CACHE.move_to_end(key)
+        return hit[1]
+    index = build_layout_index(layout, torch.device(device))
+    _INDEX_CACHE[key] = (layout.detach().clone(), index)
+    if len(_INDEX_CACHE) > 16:
+        _INDEX_CACHE.popitem(last=False)
+    return index
+
+
+def _tile(block: int) -> int:
+    """Query/key tile: the block itself up to 64; 128-blocks are walked as 64-wide sub-tiles (registers)."""
+    return min(block, 64)
+
+
+def _num_warps(block_d: int) -> int:
+    return 8 if block_d > 64 else 4
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    # fp32 inputs: full-precision dots (tf32 would miss the fp32 tolerances); fp16/bf16 ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _additive(mask: torch.Tensor | None, mode: str) -> torch.Tensor | None:
+    """DeepSpeed mask modes as an fp32 additive bias: "mul": 0 -> -inf, nonzero -> 0; "add": the values."""
+    if mask is None:
+        return None
+    if mode == "add":
+        return mask.float()
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(mask == 0, float("-inf"))
+
+
+def _bias_args(q, rpe, kpm, am):
+    r_strides = (rpe.stride(0) if rpe.shape[0] > 1 else 0, *rpe.stride()[1:]) if rpe is not None else (0, 0, 0, 0)
+    return (
+        rpe if rpe is not None else q,
+        kpm if kpm is not None else q,
+        am if am is not None else q,
+    ), (
+        r_strides,
+        kpm.stride() if kpm is not None else (0, 0),
+        am.stride() if am is not None else (0, 0),
+    )
+
+
+def block_sparse_attention_fwd(q, k, v, index: LayoutIndex, block: int, scale: float, rpe=None, kpm=None, am=None,
+                               kpm_mode: str = "add", am_mode: str = "mul"):
+    """Forward launcher. q, k, v (B, H, S, D); returns out (B, H, S, D) and lse (B, H, S) fp32 (base 2)."""
+    B, H, S, D = q.shape
+    BLOCK_D = max(16, next_pow2(D))
+    tile = _tile(block)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+    kpm_a, am_a = _additive(kpm, kpm_mode), _additive(am, am_mode)
+    (R, KP, AM), (rs, kps, ams) = _bias_args(q, rpe, kpm_a, am_a)
+    grid = (S // tile, B * H)
+    _block_sparse_attn_fwd_kernel[grid](
+        q, k, v, out, lse,  #
+        R, KP, AM,  #
+        index.kv_num, index.kv_idx,  #
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
+        *rs, *kps, *ams,  #
+        *index.kv_num.stride(), *index.kv_idx.stride(),  #
+        H, S, D,  #
+        scale * LOG2E,  #
+        BLOCK=block, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=BLOCK_D,  #
+        HAS_RPE=rpe is not None, HAS_KPM=kpm is not None, HAS_AM=am is not None, DOT_PREC=_dot_prec(q.dtype),  #
+        num_warps=_num_warps(BLOCK_D), num_stages=2,  #
+    )
+    return out, lse
+
+
+def block_sparse_attention_bwd(dout, q, k, v, out, lse, index: LayoutIndex, block: int, scale: float, rpe=None,
+                               kpm=None, am=None, kpm_mode: str = "add", am_mode: str = "mul", need_drpe: bool = False):
+    """Backward launcher: returns dq, dk, dv (like q) and drpe (rpe's shape and dtype, or None)."""
+    B, H, S, D = q.shape
+    BLOCK_D = max(16, next_pow2(D))
+    tile = _tile(block)
+    dout = dout.contiguous()
+    delta = (dout.float() * out.float()).sum(-1)  # (B, H, S): rowsum(dO * O)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    kpm_a, am_a = _additive(kpm, kpm_mode), _additive(am, am_mode)
+    (R, KP, AM), (rs, kps, ams) = _bias_args(q, rpe, kpm_a, am_a)
+    drpe_full = torch.zeros((B, H, S, S), dtype=torch.float32, device=q.device) if need_drpe else None
+    DR = drpe_full if drpe_full is not None else lse
+    drs = drpe_full.stride() if drpe_full is not None else (0, 0, 0, 0)
+    flags = dict(HAS_RPE=rpe is not None, HAS_KPM=kpm is not None, HAS_AM=am is not None, DOT_PREC=_dot_prec(q.dtype))
+    grid = (S // tile, B * H)
+    _block_sparse_attn_bwd_dq_kernel[grid](
+        q, k, v, dout, dq, lse, delta,  #
+        R, KP, AM, DR,  #
+        index.kv_num, index.kv_idx,  #
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),  #
+        *rs, *kps, *ams, *drs,  #
+        *index.kv_num.stride(), *index.kv_idx.stride(),  #
+        H, S, D,  #
+        scale * LOG2E, scale,  #
+        BLOCK=block, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=BLOCK_D, HAS_DRPE=need_drpe, **flags,  #
+        num_warps=_num_warps(BLOCK_D), num_stages=2,  #
+    )
+    _block_sparse_attn_bwd_dkdv_kernel[grid](
+        q, k, v, dout, dk, dv, lse, delta,  #
+        R, KP, AM,  #
+        index.q_num, index.q_idx,  #
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),  #
+        *rs, *kps, *ams,  #
+        *index.q_num.stride(), *index.q_idx.stride(),  #
+        H, S, D,  #
+        scale * LOG2E, scale,  #
+        BLOCK=block, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=BLOCK_D, **flags,  #
+        num_warps=_num_warps(BLOCK_D), num_stages=2,  #
+    )
+    drpe = None
+    if drpe_full is not None:
+        drpe = drpe_full if rpe.shape[0] == B else drpe_full.sum(0, keepdim=True)
+        drpe = drpe.to(rpe.dtype)
+    return dq, dk, dv, drpe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases (default configs: no biases; plus one all-features case per kernel)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# pointer arguments whose element type is fixed (the others have the input dtype)
+_FP32_PTRS = {"Lse", "Delta", "Kpm", "Am", "DRpe"}
+_I32_PTRS = {"KvNum", "KvIdx", "QNum", "QIdx"}
+_CONSTEXPRS = {"BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_D", "DOT_PREC"}
+
+
+def _signature(kernel, dtype: str) -> dict[str, str]:
+    """AOT signature: pointers by name (fp32/int32 or the input dtype), strides and sizes i32, scales fp32."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in _CONSTEXPRS or name.startswith("HAS_"):
+            sig[name] = "constexpr"
+        elif name.startswith("stride_") or name in ("H", "S", "HEAD_DIM"):
+            sig[name] = "i32"
+        elif name.endswith("_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "*fp32" if name in _FP32_PTRS else "*i32" if name in _I32_PTRS else dtype
+    return sig
+
+
+def _aot_specs() -> list[AotSpec]:
+    """Each kernel for fp32/fp16/bf16 at blocks 16/32/64/128 with D=64, and block 64 with D=128; the
+    fp16 block-64 D=64 case also with every bias (rpe, key padding, attn mask, rpe gradient)."""
+    kernels = (
+        ("block_sparse_attn_fwd", _block_sparse_attn_fwd_kernel, {}),
+        ("block_sparse_attn_bwd_dq", _block_sparse_attn_bwd_dq_kernel, {"HAS_DRPE": False}),
+        ("block_sparse_attn_bwd_dkdv", _block_sparse_attn_bwd_dkdv_kernel, {}),
+    )
+    specs = []
+    for dtype in AOT_DTYPES:
+        for block, d in [(16, 64), (32, 64), (64, 64), (128, 64), (64, 128)]:
+            all_features = [False, True] if (dtype, block, d) == ("*fp16", 64, 64) else [False]
+            for feats in all_features:
+                tile = _tile(block)
+                base = dict(BLOCK=block, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=d, HAS_RPE=feats, HAS_KPM=feats,
+                            HAS_AM=feats, DOT_PREC="ieee" if dtype == "*fp32" else "tf32")
+                tag = f"{dtype.lstrip('*')},block={block},D={d}" + (",rpe+kpm+am" if feats else "")
+                for name, kernel, extra in kernels:
+                    consts = dict(base, **{k: feats for k in extra})
+                    specs.append(AotSpec(f"{name}[{tag}]", kernel, _signature(kernel, dtype), consts,
+                                         num_warps=_num_warps(d), num_stages=2))
+    return specs
+
+
+AOT_SPECS = _aot_specs
