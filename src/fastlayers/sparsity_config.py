@@ -51,7 +51,7 @@ def _check_global_ranges(starts: Sequence[int], ends: Sequence[int] | None) -> N
             f"global_block_indices has {len(starts)} entries but global_block_end_indices has {len(ends)}: "
             "give one end index per start index"
         )
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, ends, strict=True):
         if s >= e:
             raise ValueError(f"global block start index {s} must be smaller than its end index {e}")
 
@@ -122,11 +122,6 @@ class SparsityConfig:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in self._params().items()) + ")"
 
-    def __eq__(self, other) -> bool:
-        return type(self) is type(other) and self._params() == other._params()
-
-    __hash__ = None  # mutable, like DeepSpeed's configs
-
 
 class DenseSparsityConfig(SparsityConfig):
     """Every block is attended (dense attention expressed as a layout; for testing)."""
@@ -188,13 +183,8 @@ class FixedSparsityConfig(SparsityConfig):
         self.num_different_global_patterns = num_different_global_patterns
 
     def set_local_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
-        nb = layout.shape[1]
-        for start in range(0, nb, self.num_local_blocks):
-            end = min(start + self.num_local_blocks, nb)
-            window = layout[h, start:end, start:end]
-            window.fill_(1)
-            if self.attention == "unidirectional":
-                window.copy_(torch.tril(window))
+        window = torch.arange(layout.shape[1]) // self.num_local_blocks  # window id of every block
+        _set_windows(layout[h], window, self.attention == "unidirectional")
         return layout
 
     def _set_global(self, h: int, layout: torch.Tensor, first: int) -> None:
@@ -271,32 +261,19 @@ class VariableSparsityConfig(SparsityConfig):
         if self.num_random_blocks == 0:
             return layout
         g = generator if generator is not None else _generator(self.seed)
-        for row in range(nb):
-            # unidirectional: only the causal part (DeepSpeed samples the whole row); short early rows take all
-            population = row + 1 if self.attention == "unidirectional" else nb
-            cols = torch.randperm(population, generator=g)[: self.num_random_blocks]
-            layout[h, row, cols] = 1
+        # unidirectional: only the causal part (DeepSpeed samples the whole row); short early rows take all
+        _set_random(layout[h], self.num_random_blocks, g, causal=self.attention == "unidirectional")
         return layout
 
     def set_local_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
+        # windows of the listed sizes, then the last size repeated to the end of the sequence
         nb = layout.shape[1]
-        sizes = list(self.local_window_blocks)
-        starts, start = [], 0
-        for size in sizes:
-            starts.append((start, size))
-            start += size
-        last = sizes[-1]
-        while start < nb:
-            starts.append((start, last))
-            start += last
-        for start, size in starts:
-            if start >= nb:
-                break
-            end = min(start + size, nb)
-            window = layout[h, start:end, start:end]
-            window.fill_(1)
-            if self.attention == "unidirectional":
-                window.copy_(torch.tril(window))
+        sizes = torch.tensor(self.local_window_blocks)
+        listed = int(sizes.sum())
+        if nb > listed:
+            sizes = torch.cat([sizes, sizes[-1:].expand(-(-(nb - listed) // self.local_window_blocks[-1]))])
+        window = torch.repeat_interleave(torch.arange(len(sizes)), sizes)[:nb]  # window id of every block
+        _set_windows(layout[h], window, self.attention == "unidirectional")
         return layout
 
     def set_global_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
@@ -304,7 +281,7 @@ class VariableSparsityConfig(SparsityConfig):
         if self.global_block_end_indices is None:
             ranges = [(i, i + 1) for i in self.global_block_indices]
         else:
-            ranges = list(zip(self.global_block_indices, self.global_block_end_indices))
+            ranges = list(zip(self.global_block_indices, self.global_block_end_indices, strict=True))
         for start, end in ranges:
             if start >= nb:
                 continue
@@ -365,10 +342,8 @@ class BigBirdSparsityConfig(SparsityConfig):
         if self.num_random_blocks == 0:
             return layout
         g = generator if generator is not None else _generator(self.seed)
-        for row in range(nb):
-            population = row + 1 if self.attention == "unidirectional" else nb
-            cols = torch.randperm(population, generator=g)[: self.num_random_blocks]
-            layout[h, row, cols] = 1
+        # unidirectional: only the causal part (DeepSpeed samples the whole row); short early rows take all
+        _set_random(layout[h], self.num_random_blocks, g, causal=self.attention == "unidirectional")
         return layout
 
     def set_sliding_window_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
@@ -435,7 +410,7 @@ class BSLongformerSparsityConfig(SparsityConfig):
         if self.global_block_end_indices is None:
             ranges = [(i, i + 1) for i in self.global_block_indices]
         else:
-            ranges = list(zip(self.global_block_indices, self.global_block_end_indices))
+            ranges = list(zip(self.global_block_indices, self.global_block_end_indices, strict=True))
         for start, end in ranges:
             if start < nb:
                 end = min(end, nb)
@@ -486,6 +461,29 @@ class LocalSlidingWindowSparsityConfig(SparsityConfig):
         for h in range(self.num_layout_heads):
             self.set_sliding_window_layout(h, layout)
         return self.check_and_propagate_first_head_layout(layout)
+
+
+def _set_windows(layout_h: torch.Tensor, window: torch.Tensor, causal: bool) -> None:
+    """Set every (row, col) of a 2-D layout whose blocks share a window id (and col <= row when causal), in place."""
+    keep = window.unsqueeze(1) == window.unsqueeze(0)
+    if causal:
+        keep = torch.tril(keep)
+    layout_h[keep] = 1
+
+
+def _set_random(layout_h: torch.Tensor, k: int, g: torch.Generator, causal: bool) -> None:
+    """Set `k` distinct uniformly random columns in every row of a 2-D layout, in place (causal: among columns
+    <= row; a row with fewer than k such columns gets all of them)."""
+    nb = layout_h.shape[0]
+    # the k smallest of i.i.d. uniform keys are a uniformly random k-subset of the columns
+    keys = torch.rand((nb, nb), generator=g)
+    allowed = torch.ones((nb, nb), dtype=torch.bool)
+    if causal:
+        allowed = torch.tril(allowed)
+        keys = keys.masked_fill(~allowed, 2.0)  # after every allowed column
+    cols = keys.topk(k, dim=1, largest=False).indices  # (nb, k)
+    pick = torch.zeros((nb, nb), dtype=torch.bool).scatter_(1, cols, True) & allowed
+    layout_h[pick] = 1
 
 
 def _band(layout_h: torch.Tensor, w: int, causal: bool) -> None:

@@ -61,8 +61,9 @@ def test_empty_rows_give_zeros_and_zero_grads():
     kpm = torch.ones(B, S)
     am = torch.ones(S, S)
     am[20] = 0  # query row 20 fully masked by attn_mask ("mul")
-    out = block_sparse_attention_ref(q, k, v, layout, block=block, key_padding_mask=kpm, key_padding_mask_mode="mul",
-                                     attn_mask=am)
+    out = block_sparse_attention_ref(
+        q, k, v, layout, block=block, key_padding_mask=kpm, key_padding_mask_mode="mul", attn_mask=am
+    )
     assert torch.isfinite(out).all()
     assert out[0, 0, 8:16].abs().max() == 0 and out[0, :, 20].abs().max() == 0
     (dq,) = torch.autograd.grad(out.sum(), q)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from fastlayers import backends
 from fastlayers.backends import Impl
@@ -74,6 +75,7 @@ class BiasGeluTorchFunction(torch.autograd.Function):
         return _act_forward(ctx, torch_kernels, x, bias, approximate)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         return *_act_backward(ctx, torch_kernels, dy), None  # approximate
 
@@ -84,6 +86,7 @@ class BiasGeluTritonFunction(torch.autograd.Function):
         return _act_forward(ctx, _triton_kernels(), x, bias, approximate)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         return *_act_backward(ctx, _triton_kernels(), dy), None  # approximate
 
@@ -94,6 +97,7 @@ class BiasGeluLinearTorchFunction(torch.autograd.Function):
         return _linear_forward(ctx, torch_kernels, x, bias, weight, out_bias, approximate, checkpoint)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         return *_linear_backward(ctx, torch_kernels, dout), None, None  # approximate, checkpoint
 
@@ -104,6 +108,7 @@ class BiasGeluLinearTritonFunction(torch.autograd.Function):
         return _linear_forward(ctx, _triton_kernels(), x, bias, weight, out_bias, approximate, checkpoint)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         return *_linear_backward(ctx, _triton_kernels(), dout), None, None  # approximate, checkpoint
 

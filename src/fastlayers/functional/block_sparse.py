@@ -100,7 +100,20 @@ class BlockSparseAttentionTritonFunction(torch.autograd.Function):
         q, k, v, rpe, kpm, am, out, lse = ctx.saved_tensors
         block, scale, kpm_mode, am_mode, _ = ctx.args
         dq, dk, dv, drpe = block_sparse_attention_bwd(
-            dout, q, k, v, out, lse, ctx.index, block, scale, rpe, kpm, am, kpm_mode, am_mode,
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            ctx.index,
+            block,
+            scale,
+            rpe,
+            kpm,
+            am,
+            kpm_mode,
+            am_mode,
             need_drpe=rpe is not None and ctx.needs_input_grad[3],
         )
         return dq, dk, dv, drpe, None, None, None, None, None, None, None  # layout, block, scale, masks, modes

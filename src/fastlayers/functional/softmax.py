@@ -84,7 +84,8 @@ class MaskedSoftmaxTritonFunction(torch.autograd.Function):
 
 def _reference_impl(scores, mask, *, scale, dropout_p, seed, offset, checkpoint):
     keep = keep_mask(tuple(scores.shape), dropout_p, seed, scores.device, offset) if dropout_p > 0.0 else None
-    return masked_softmax_ref(scores, mask, scale=scale, dropout_p=dropout_p, keep_mask=keep, upcast=True)
+    upcast = scores.dtype in (torch.float16, torch.bfloat16)  # fp32 maths, as the fast backends
+    return masked_softmax_ref(scores, mask, scale=scale, dropout_p=dropout_p, keep_mask=keep, upcast=upcast)
 
 
 def _torch_impl(scores, mask, *, scale, dropout_p, seed, offset, checkpoint):

@@ -169,9 +169,13 @@ class SparseAttentionUtils:
             input_ids = torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], pad_len), pad_token_id)], dim=1)
         if attention_mask is None:
             attention_mask = torch.ones((B, S), dtype=torch.long, device=ref.device)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_zeros((attention_mask.shape[0], pad_len))], dim=1)
+        attention_mask = torch.cat(
+            [attention_mask, attention_mask.new_zeros((attention_mask.shape[0], pad_len))], dim=1
+        )
         if token_type_ids is not None:
-            token_type_ids = torch.cat([token_type_ids, token_type_ids.new_zeros((token_type_ids.shape[0], pad_len))], dim=1)
+            token_type_ids = torch.cat(
+                [token_type_ids, token_type_ids.new_zeros((token_type_ids.shape[0], pad_len))], dim=1
+            )
         if position_ids is not None:
             step = torch.arange(1, pad_len + 1, dtype=position_ids.dtype, device=position_ids.device)
             tail = position_ids[..., -1:] + step  # (..., pad_len)

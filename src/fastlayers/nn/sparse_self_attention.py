@@ -58,8 +58,9 @@ class SparseSelfAttention(nn.Module):
                 raise ValueError(f"{name} must be 'add' or 'mul', got {mode!r}")
         if type(sparsity_config).make_layout is SparsityConfig.make_layout:
             raise NotImplementedError(
-                f"SparseSelfAttention needs a concrete sparsity pattern, got the abstract {type(sparsity_config).__name__}"
-                " (DeepSpeed's default argument): pass e.g. FixedSparsityConfig(num_heads=H), BigBirdSparsityConfig, "
+                "SparseSelfAttention needs a concrete sparsity pattern, got the abstract "
+                f"{type(sparsity_config).__name__} (DeepSpeed's default argument): pass e.g. "
+                "FixedSparsityConfig(num_heads=H), BigBirdSparsityConfig, "
                 "BSLongformerSparsityConfig, VariableSparsityConfig, LocalSlidingWindowSparsityConfig or "
                 "DenseSparsityConfig"
             )
@@ -194,7 +195,9 @@ def _squeeze_key_padding_mask(mask: torch.Tensor, B: int, S: int) -> torch.Tenso
 
 def _squeeze_attn_mask(mask: torch.Tensor, S: int) -> torch.Tensor:
     if mask.dim() < 2 or any(d != 1 for d in mask.shape[:-2]) or tuple(mask.shape[-2:]) != (S, S):
-        raise ValueError(f"attn_mask must be (S, S) with S={S} (singleton leading dims allowed), got {tuple(mask.shape)}")
+        raise ValueError(
+            f"attn_mask must be (S, S) with S={S} (singleton leading dims allowed), got {tuple(mask.shape)}"
+        )
     return mask.reshape(S, S)
 
 
@@ -268,7 +271,9 @@ class BertSparseSelfAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         if encoder_hidden_states is not None:
-            raise NotImplementedError("BertSparseSelfAttention supports self-attention only (got encoder_hidden_states)")
+            raise NotImplementedError(
+                "BertSparseSelfAttention supports self-attention only (got encoder_hidden_states)"
+            )
         if past_key_values is not None:
             raise NotImplementedError("BertSparseSelfAttention does not support a KV cache (past_key_values)")
         B, S, _ = hidden_states.shape

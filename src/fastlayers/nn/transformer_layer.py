@@ -181,29 +181,34 @@ class TransformerLayer(nn.Module):
         p_attn = c.attn_dropout_ratio if self.training else 0.0
         p_hid = c.hidden_dropout_ratio if self.training else 0.0
         seed = self._draw_seed() if p_attn > 0.0 or p_hid > 0.0 else None
-        P = {n: p.to(dtype) for n, p in self.named_parameters()}  # no-op unless under autocast
+        P = dict(self.named_parameters())
+        if self.attn_qkvw.dtype != dtype:  # autocast: run everything in its dtype (grads flow back to the params)
+            P = {n: p.to(dtype) for n, p in P.items()}
         ln_kw = {"eps": c.layer_norm_eps, "invertible": c.normalize_invertible, "backend": self.backend}
         drop_kw = {"dropout_p": p_hid, "seed": seed, "training": self.training}
         gelu_kw = {"approximate": c.gelu_approximate, "checkpoint": c.gelu_checkpoint, "backend": self.backend}
         linear = torch.nn.functional.linear
 
+        # Every bias rides in its GEMM (addmm), so the fused ops get bias=None: one elementwise pass less each way.
         t = layer_norm(x, P["norm_w"], P["norm_b"], **ln_kw) if c.pre_layer_norm else x  # (B, S, H)
         qkv = linear(t, P["attn_qkvw"], P["attn_qkvb"])  # (B, S, 3H)
         q, k, v = qkv.view(B, S, 3, c.heads, c.head_dim).unbind(2)  # each (B, S, h, d), views of qkv
         ctx = attention(q, k, v, attn_bias=mask, dropout_p=p_attn, seed=seed, offset=ATTN_PROBS_OFFSET,
                         dropout_checkpoint=c.attn_dropout_checkpoint, backend=self.backend)  # (B, S, h, d)
-        a = linear(ctx.reshape(B, S, H), P["attn_ow"])  # (B, S, H); its bias is fused into the next op
+        a = linear(ctx.reshape(B, S, H), P["attn_ow"], P["attn_ob"])  # (B, S, H)
         if c.pre_layer_norm:
-            # h = x + drop(a + attn_ob) is the last residual; LN(h) feeds the FFN
-            h_ln, h = bias_dropout_residual_layer_norm(a, P["attn_ob"], x, P["attn_nw"], P["attn_nb"], **ln_kw,
-                                                       **drop_kw, offset=ATTN_OUT_OFFSET, return_residual_out=True)
-            o = bias_gelu_linear(linear(h_ln, P["inter_w"]), P["inter_b"], P["output_w"], P["output_b"], **gelu_kw)
+            # h = x + drop(a) is the last residual; LN(h) feeds the FFN
+            h_ln, h = bias_dropout_residual_layer_norm(a, None, x, P["attn_nw"], P["attn_nb"], **ln_kw, **drop_kw,
+                                                       offset=ATTN_OUT_OFFSET, return_residual_out=True)
+            ff1 = linear(h_ln, P["inter_w"], P["inter_b"])  # (B, S, I), GELU input
+            o = bias_gelu_linear(ff1, None, P["output_w"], P["output_b"], **gelu_kw)  # (B, S, H)
             return h + self._ffn_dropout(o, p_hid, seed)  # (B, S, H)
-        h = bias_dropout_residual_layer_norm(a, P["attn_ob"], x, P["attn_nw"], P["attn_nb"], **ln_kw, **drop_kw,
-                                             offset=ATTN_OUT_OFFSET)  # (B, S, H)
-        o = bias_gelu_linear(linear(h, P["inter_w"]), P["inter_b"], P["output_w"], None, **gelu_kw)  # (B, S, H)
-        return bias_dropout_residual_layer_norm(o, P["output_b"], h, P["norm_w"], P["norm_b"], **ln_kw, **drop_kw,
-                                                offset=FFN_OUT_OFFSET)
+        h = bias_dropout_residual_layer_norm(a, None, x, P["attn_nw"], P["attn_nb"], **ln_kw, **drop_kw,
+                                             offset=ATTN_OUT_OFFSET)  # (B, S, H) = LN(x + drop(a))
+        ff1 = linear(h, P["inter_w"], P["inter_b"])  # (B, S, I), GELU input
+        o = bias_gelu_linear(ff1, None, P["output_w"], P["output_b"], **gelu_kw)  # (B, S, H)
+        return bias_dropout_residual_layer_norm(o, None, h, P["norm_w"], P["norm_b"], **ln_kw, **drop_kw,
+                                                offset=FFN_OUT_OFFSET)  # (B, S, H) = LN(h + drop(o))
 
     def _ffn_dropout(self, o: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
         """Pre-LN's last dropout (no LayerNorm follows, so no fused op): the seeded bool mask (1 byte per element

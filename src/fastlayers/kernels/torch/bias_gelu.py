@@ -16,7 +16,7 @@ _HALF = (torch.float16, torch.bfloat16)
 def _preact(x: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
     """A fresh tensor u = x + bias in `compute_dtype` (safe to overwrite)."""
     if bias is None:
-        return x.to(compute_dtype, copy=True)
+        return x.to(compute_dtype, copy=True)  # fp16/bf16 x: the fp32 copy is fresh
     if x.dtype == compute_dtype:
         return torch.add(x, bias)  # (..., N) + (N,): one pass, one allocation
     return x.to(compute_dtype).add_(bias)  # bias promoted to compute_dtype inside the add
@@ -28,7 +28,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:
     """y = gelu(x + bias), shape and dtype of x (fp32 math for fp16/bf16)."""
-    u = _preact(x, bias, _compute_dtype(x))
+    cdt = _compute_dtype(x)
+    if bias is None and x.dtype == cdt:
+        return torch.ops.aten.gelu(x, approximate=approximate)
+    u = _preact(x, bias, cdt)
     torch.ops.aten.gelu_(u, approximate=approximate)  # in place: no second allocation
     return u if u.dtype == x.dtype else u.to(x.dtype)
 
@@ -45,6 +48,8 @@ def bias_gelu_bwd(
     Returns (dx with the shape and dtype of x, dbias of shape (N,) and dtype of bias or None).
     """
     cdt = _compute_dtype(x)
+    if bias is None and x.dtype == cdt:
+        return torch.ops.aten.gelu_backward(dy, x, approximate=approximate), None
     u = _preact(x, bias, cdt)
     g = dy if dy.dtype == cdt else dy.to(cdt)
     # gelu_backward writes into u (same shape, exact aliasing is fine for elementwise ops)

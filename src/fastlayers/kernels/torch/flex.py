@@ -55,7 +55,12 @@ def to_block_mask(
     if mask_mod is None:
         empty_num = torch.zeros_like(kv_num_blocks)
         return BlockMask.from_kv_blocks(
-            empty_num, kv_indices, kv_num_blocks, kv_indices, BLOCK_SIZE=block, mask_mod=in_layout,
+            empty_num,
+            kv_indices,
+            kv_num_blocks,
+            kv_indices,
+            BLOCK_SIZE=block,
+            mask_mod=in_layout,
             seq_lengths=seq_lengths,
         )
 

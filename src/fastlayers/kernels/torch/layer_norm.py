@@ -1,8 +1,8 @@
 """Fast plain-PyTorch forward and backward of "bias + dropout + residual add + LayerNorm" on 2-D (M, N) rows.
 
 The LayerNorm itself is ATen's fused `native_layer_norm` / `native_layer_norm_backward` (one pass each, the
-same kernels `F.layer_norm` runs); around it: one fused elementwise pass for bias, dropout and residual, a
-1-byte bool keep mask instead of the float noise tensor `F.dropout` keeps, and the invertible backward that
+same kernels `F.layer_norm` runs); around it: bias add, then dropout and residual in one `addcmul`, a 1-byte
+bool keep mask saved instead of the float noise tensor `F.dropout` keeps, and the invertible backward that
 rebuilds x̂ = (y - ln_bias) / weight from the output (DeepSpeed's normalize_invertible).
 Half inputs (fp16, bf16) are computed in float32 and rounded once at the outputs.
 """
@@ -43,9 +43,14 @@ def layer_norm_fwd(
     if bias is not None:
         z = z + bias.to(acc)
     if keep is not None:
-        # where() instead of a multiply by a float mask: the bool mask is never expanded to 4 bytes/elt.
-        z = torch.where(keep, z * dropout_scale, 0.0)
-    if residual is not None:
+        # The bool mask (what is saved, 1 byte/elt) becomes a transient float mask: on CPU a float multiply
+        # is ~2x faster than where(bool); the 1/(1-p) scale rides on addcmul's `value`.
+        keep_f = keep.to(acc)
+        if residual is not None:
+            z = torch.addcmul(residual.to(acc), z, keep_f, value=dropout_scale)
+        else:
+            z = torch.mul(z, keep_f).mul_(dropout_scale)
+    elif residual is not None:
         z = z + residual.to(acc)
     y, mean, rstd = torch.native_layer_norm(z, (n,), weight.to(acc), ln_bias.to(acc), eps)
     return y.to(x.dtype), z.to(x.dtype), mean, rstd
@@ -87,7 +92,8 @@ def layer_norm_bwd(
     if invertible:
         # x̂ = (y - β) / γ; then ATen's backward with mean 0 and rstd 1 returns the bracket of
         # dpre = rstd * (γ·dy - mean(γ·dy) - x̂ · mean(γ·dy·x̂)), and dγ = Σ dy·x̂, dβ = Σ dy exactly.
-        xhat = (saved.to(acc) - ln_bias.to(acc)).div_(w)
+        inv_w = 1.0 / w
+        xhat = torch.addcmul(-ln_bias.to(acc) * inv_w, saved.to(acc), inv_w)  # one pass over (M, N)
         ones = torch.ones_like(rstd)
         dpre, dw, db = torch.ops.aten.native_layer_norm_backward(
             dy.to(acc), xhat, [n], torch.zeros_like(rstd), ones, w, ln_bias.to(acc), mask
@@ -99,7 +105,7 @@ def layer_norm_bwd(
         )
     if dpre_out is not None:
         dpre = dpre.add_(dpre_out.to(acc))
-    dx = dpre if keep is None else torch.where(keep, dpre * dropout_scale, 0.0)
+    dx = dpre if keep is None else torch.mul(dpre, keep.to(acc)).mul_(dropout_scale)
     dbias = dx.sum(0).to(dy.dtype) if has_bias else None
     dw = dw.to(weight.dtype) if dw is not None else None
     db = db.to(ln_bias.dtype) if db is not None else None

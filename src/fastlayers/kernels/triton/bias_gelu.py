@@ -136,6 +136,11 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 else t2.contiguous()
 
 
+def _vec(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels read the bias with unit stride."""
+    return None if bias is None else bias.contiguous()
+
+
 def _check_approximate(approximate: str) -> bool:
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
@@ -145,6 +150,7 @@ def _check_approximate(approximate: str) -> bool:
 def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:
     """y = gelu(x + bias): x (..., N), bias (N,) or None; returns y with the shape and dtype of x."""
     approx_tanh = _check_approximate(approximate)
+    bias = _vec(bias)
     n = x.shape[-1]
     x2 = _rows(x, n)
     m = x2.shape[0]
@@ -182,6 +188,7 @@ def bias_gelu_bwd(
     Returns (dx with the shape and dtype of x, dbias (N,) in bias.dtype, or None without bias / need_dbias).
     """
     approx_tanh = _check_approximate(approximate)
+    bias = _vec(bias)
     n = x.shape[-1]
     x2, dy2 = _rows(x, n), _rows(dy, n)
     m = x2.shape[0]

@@ -27,22 +27,57 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _block_sparse_attn_fwd_kernel(
-    Q, K, V, Out, Lse,  # (B, H, S, D) x4 and (B, H, S) fp32
-    Rpe, Kpm, Am,  # additive biases: (B|1, H, S, S) q dtype; (B, S) fp32; (S, S) fp32
-    KvNum, KvIdx,  # (H, nb) int32 kept blocks per row; (H, nb, max_kept) int32 their column ids
-    stride_qb, stride_qh, stride_qs, stride_qd,  #
-    stride_kb, stride_kh, stride_ks, stride_kd,  #
-    stride_vb, stride_vh, stride_vs, stride_vd,  #
-    stride_ob, stride_oh, stride_os, stride_od,  #
-    stride_rb, stride_rh, stride_rm, stride_rn,  #
-    stride_kpb, stride_kpn,  #
-    stride_amm, stride_amn,  #
-    stride_nh, stride_nn,  #
-    stride_ih, stride_in, stride_it,  #
-    H, S, HEAD_DIM,  #
+    Q,
+    K,
+    V,
+    Out,
+    Lse,  # (B, H, S, D) x4 and (B, H, S) fp32
+    Rpe,
+    Kpm,
+    Am,  # additive biases: (B|1, H, S, S) q dtype; (B, S) fp32; (S, S) fp32
+    KvNum,
+    KvIdx,  # (H, nb) int32 kept blocks per row; (H, nb, max_kept) int32 their column ids
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,  #
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,  #
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,  #
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_od,  #
+    stride_rb,
+    stride_rh,
+    stride_rm,
+    stride_rn,  #
+    stride_kpb,
+    stride_kpn,  #
+    stride_amm,
+    stride_amn,  #
+    stride_nh,
+    stride_nn,  #
+    stride_ih,
+    stride_in,
+    stride_it,  #
+    H,
+    S,
+    HEAD_DIM,  #
     qk_scale,  # softmax_scale * log2(e)
-    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  #
-    HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, DOT_PREC: tl.constexpr,  #
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,  #
+    HAS_RPE: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_AM: tl.constexpr,
+    DOT_PREC: tl.constexpr,  #
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -53,67 +88,129 @@ def _block_sparse_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     # -- load the query tile once; all math in fp32, dots in the input dtype --
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+        mask=d_ok[None, :],
+        other=0.0,
+    )
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_kv = tl.load(KvNum + h * stride_nh + qblk * stride_nn)
     idx_base = KvIdx + h * stride_ih + qblk * stride_in
-    for t in range(0, n_kv):
-        kblk = tl.load(idx_base + t * stride_it).to(tl.int64)
-        for sub in tl.static_range(BLOCK // BLOCK_N):
-            offs_n = kblk * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-            k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                        mask=d_ok[None, :], other=0.0)
-            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                        mask=d_ok[None, :], other=0.0)
-            # -- scores in base 2: s = (q.k * scale + biases) * log2(e) --
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            if HAS_RPE:
-                s += tl.load(Rpe + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm
-                             + offs_n[None, :] * stride_rn).to(tl.float32) * 1.4426950408889634
-            if HAS_KPM:
-                s += tl.load(Kpm + b * stride_kpb + offs_n * stride_kpn)[None, :] * 1.4426950408889634
-            if HAS_AM:
-                s += tl.load(Am + offs_m[:, None] * stride_amm + offs_n[None, :] * stride_amn) * 1.4426950408889634
-            # -- online softmax; a row that is still all -inf keeps m = -inf and uses 0 as its shift --
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
+    # one flat loop over (kept block, sub-tile): unrolling the sub-tiles would double the live registers
+    for t in range(0, n_kv * (BLOCK // BLOCK_N)):
+        kblk = tl.load(idx_base + (t // (BLOCK // BLOCK_N)) * stride_it).to(tl.int64)
+        sub = t % (BLOCK // BLOCK_N)
+        offs_n = kblk * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.load(
+            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+            mask=d_ok[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+            mask=d_ok[None, :],
+            other=0.0,
+        )
+        # -- scores in base 2: s = (q.k * scale + biases) * log2(e) --
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_RPE:
+            s += (
+                tl.load(
+                    Rpe + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
+                ).to(tl.float32)
+                * 1.4426950408889634
+            )
+        if HAS_KPM:
+            s += tl.load(Kpm + b * stride_kpb + offs_n * stride_kpn)[None, :] * 1.4426950408889634
+        if HAS_AM:
+            s += tl.load(Am + offs_m[:, None] * stride_amm + offs_n[None, :] * stride_amn) * 1.4426950408889634
+        # -- online softmax; a row that is still all -inf keeps m = -inf and uses 0 as its shift --
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
     # -- rows with no allowed key: out = 0 and lse = +inf (so the backward's exp2(s - lse) is 0) --
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), tl.where(empty, 0.0, m_i) + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+        out.to(Out.dtype.element_ty),
+        mask=d_ok[None, :],
+    )
     tl.store(Lse + pid_bh * S + offs_m, lse)
 
 
 @triton.jit
 def _block_sparse_attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ, Lse, Delta,  # (B, H, S, D) x5; lse, delta (B, H, S) fp32
-    Rpe, Kpm, Am, DRpe,  # biases as in the forward; DRpe (B, H, S, S) fp32 (only kept blocks are written)
-    KvNum, KvIdx,  #
-    stride_qb, stride_qh, stride_qs, stride_qd,  #
-    stride_kb, stride_kh, stride_ks, stride_kd,  #
-    stride_vb, stride_vh, stride_vs, stride_vd,  #
-    stride_dob, stride_doh, stride_dos, stride_dod,  #
-    stride_dqb, stride_dqh, stride_dqs, stride_dqd,  #
-    stride_rb, stride_rh, stride_rm, stride_rn,  #
-    stride_kpb, stride_kpn,  #
-    stride_amm, stride_amn,  #
-    stride_drb, stride_drh, stride_drm, stride_drn,  #
-    stride_nh, stride_nn,  #
-    stride_ih, stride_in, stride_it,  #
-    H, S, HEAD_DIM,  #
-    qk_scale, sm_scale,  #
-    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  #
-    HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, HAS_DRPE: tl.constexpr,  #
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    Lse,
+    Delta,  # (B, H, S, D) x5; lse, delta (B, H, S) fp32
+    Rpe,
+    Kpm,
+    Am,
+    DRpe,  # biases as in the forward; DRpe (B, H, S, S) fp32 (only kept blocks are written)
+    KvNum,
+    KvIdx,  #
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,  #
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,  #
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,  #
+    stride_dob,
+    stride_doh,
+    stride_dos,
+    stride_dod,  #
+    stride_dqb,
+    stride_dqh,
+    stride_dqs,
+    stride_dqd,  #
+    stride_rb,
+    stride_rh,
+    stride_rm,
+    stride_rn,  #
+    stride_kpb,
+    stride_kpn,  #
+    stride_amm,
+    stride_amn,  #
+    stride_drb,
+    stride_drh,
+    stride_drm,
+    stride_drn,  #
+    stride_nh,
+    stride_nn,  #
+    stride_ih,
+    stride_in,
+    stride_it,  #
+    H,
+    S,
+    HEAD_DIM,  #
+    qk_scale,
+    sm_scale,  #
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,  #
+    HAS_RPE: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_AM: tl.constexpr,
+    HAS_DRPE: tl.constexpr,  #
     DOT_PREC: tl.constexpr,  #
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -124,65 +221,131 @@ def _block_sparse_attn_bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=d_ok[None, :], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
-                 mask=d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+        mask=d_ok[None, :],
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+        mask=d_ok[None, :],
+        other=0.0,
+    )
     lse = tl.load(Lse + pid_bh * S + offs_m)
     delta = tl.load(Delta + pid_bh * S + offs_m)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_kv = tl.load(KvNum + h * stride_nh + qblk * stride_nn)
     idx_base = KvIdx + h * stride_ih + qblk * stride_in
-    for t in range(0, n_kv):
-        kblk = tl.load(idx_base + t * stride_it).to(tl.int64)
-        for sub in tl.static_range(BLOCK // BLOCK_N):
-            offs_n = kblk * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-            k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                        mask=d_ok[None, :], other=0.0)
-            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                        mask=d_ok[None, :], other=0.0)
-            # -- recompute p = exp2(s - lse) (base 2, as in the forward) --
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            if HAS_RPE:
-                s += tl.load(Rpe + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm
-                             + offs_n[None, :] * stride_rn).to(tl.float32) * 1.4426950408889634
-            if HAS_KPM:
-                s += tl.load(Kpm + b * stride_kpb + offs_n * stride_kpn)[None, :] * 1.4426950408889634
-            if HAS_AM:
-                s += tl.load(Am + offs_m[:, None] * stride_amm + offs_n[None, :] * stride_amn) * 1.4426950408889634
-            p = tl.math.exp2(s - lse[:, None])
-            # -- ds = p * (dO.vᵀ - delta) is the gradient of the (unscaled) biased score --
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            if HAS_DRPE:
-                tl.store(DRpe + b * stride_drb + h * stride_drh + offs_m[:, None] * stride_drm
-                         + offs_n[None, :] * stride_drn, ds)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    # one flat loop over (kept block, sub-tile): unrolling the sub-tiles would double the live registers
+    for t in range(0, n_kv * (BLOCK // BLOCK_N)):
+        kblk = tl.load(idx_base + (t // (BLOCK // BLOCK_N)) * stride_it).to(tl.int64)
+        sub = t % (BLOCK // BLOCK_N)
+        offs_n = kblk * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.load(
+            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+            mask=d_ok[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+            mask=d_ok[None, :],
+            other=0.0,
+        )
+        # -- recompute p = exp2(s - lse) (base 2, as in the forward) --
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_RPE:
+            s += (
+                tl.load(
+                    Rpe + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
+                ).to(tl.float32)
+                * 1.4426950408889634
+            )
+        if HAS_KPM:
+            s += tl.load(Kpm + b * stride_kpb + offs_n * stride_kpn)[None, :] * 1.4426950408889634
+        if HAS_AM:
+            s += tl.load(Am + offs_m[:, None] * stride_amm + offs_n[None, :] * stride_amn) * 1.4426950408889634
+        p = tl.math.exp2(s - lse[:, None])
+        # -- ds = p * (dO.vᵀ - delta) is the gradient of the (unscaled) biased score --
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        if HAS_DRPE:
+            tl.store(
+                DRpe + b * stride_drb + h * stride_drh + offs_m[:, None] * stride_drm + offs_n[None, :] * stride_drn, ds
+            )
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+        dq.to(DQ.dtype.element_ty),
+        mask=d_ok[None, :],
+    )
 
 
 @triton.jit
 def _block_sparse_attn_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, Lse, Delta,  # (B, H, S, D) x6; lse, delta (B, H, S) fp32
-    Rpe, Kpm, Am,  #
-    QNum, QIdx,  # (H, nb) query blocks that keep each key block; (H, nb, max_rows) their row ids
-    stride_qb, stride_qh, stride_qs, stride_qd,  #
-    stride_kb, stride_kh, stride_ks, stride_kd,  #
-    stride_vb, stride_vh, stride_vs, stride_vd,  #
-    stride_dob, stride_doh, stride_dos, stride_dod,  #
-    stride_dkb, stride_dkh, stride_dks, stride_dkd,  #
-    stride_dvb, stride_dvh, stride_dvs, stride_dvd,  #
-    stride_rb, stride_rh, stride_rm, stride_rn,  #
-    stride_kpb, stride_kpn,  #
-    stride_amm, stride_amn,  #
-    stride_nh, stride_nn,  #
-    stride_ih, stride_in, stride_it,  #
-    H, S, HEAD_DIM,  #
-    qk_scale, sm_scale,  #
-    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  #
-    HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, DOT_PREC: tl.constexpr,  #
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    Lse,
+    Delta,  # (B, H, S, D) x6; lse, delta (B, H, S) fp32
+    Rpe,
+    Kpm,
+    Am,  #
+    QNum,
+    QIdx,  # (H, nb) query blocks that keep each key block; (H, nb, max_rows) their row ids
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_qd,  #
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,  #
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,  #
+    stride_dob,
+    stride_doh,
+    stride_dos,
+    stride_dod,  #
+    stride_dkb,
+    stride_dkh,
+    stride_dks,
+    stride_dkd,  #
+    stride_dvb,
+    stride_dvh,
+    stride_dvs,
+    stride_dvd,  #
+    stride_rb,
+    stride_rh,
+    stride_rm,
+    stride_rn,  #
+    stride_kpb,
+    stride_kpn,  #
+    stride_amm,
+    stride_amn,  #
+    stride_nh,
+    stride_nn,  #
+    stride_ih,
+    stride_in,
+    stride_it,  #
+    H,
+    S,
+    HEAD_DIM,  #
+    qk_scale,
+    sm_scale,  #
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,  #
+    HAS_RPE: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_AM: tl.constexpr,
+    DOT_PREC: tl.constexpr,  #
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -192,45 +355,67 @@ def _block_sparse_attn_bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                mask=d_ok[None, :], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=d_ok[None, :], other=0.0)
+    k = tl.load(
+        K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+        mask=d_ok[None, :],
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+        mask=d_ok[None, :],
+        other=0.0,
+    )
     if HAS_KPM:
         kpm = tl.load(Kpm + b * stride_kpb + offs_n * stride_kpn) * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     n_q = tl.load(QNum + h * stride_nh + kblk * stride_nn)
     idx_base = QIdx + h * stride_ih + kblk * stride_in
-    for t in range(0, n_q):
-        qblk = tl.load(idx_base + t * stride_it).to(tl.int64)
-        for sub in tl.static_range(BLOCK // BLOCK_M):
-            offs_m = qblk * BLOCK + sub * BLOCK_M + tl.arange(0, BLOCK_M)
-            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                        mask=d_ok[None, :], other=0.0)
-            do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
-                         + offs_d[None, :] * stride_dod, mask=d_ok[None, :], other=0.0)
-            lse = tl.load(Lse + pid_bh * S + offs_m)
-            delta = tl.load(Delta + pid_bh * S + offs_m)
-            # -- transposed scores sT[n, m] (keys along rows), base 2 --
-            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-            if HAS_RPE:
-                sT += tl.load(Rpe + b * stride_rb + h * stride_rh + offs_m[None, :] * stride_rm
-                              + offs_n[:, None] * stride_rn).to(tl.float32) * 1.4426950408889634
-            if HAS_KPM:
-                sT += kpm[:, None]
-            if HAS_AM:
-                sT += tl.load(Am + offs_m[None, :] * stride_amm + offs_n[:, None] * stride_amn) * 1.4426950408889634
-            pT = tl.math.exp2(sT - lse[None, :])
-            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+    for t in range(0, n_q * (BLOCK // BLOCK_M)):
+        qblk = tl.load(idx_base + (t // (BLOCK // BLOCK_M)) * stride_it).to(tl.int64)
+        sub = t % (BLOCK // BLOCK_M)
+        offs_m = qblk * BLOCK + sub * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = tl.load(
+            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+            mask=d_ok[None, :],
+            other=0.0,
+        )
+        do = tl.load(
+            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
+            mask=d_ok[None, :],
+            other=0.0,
+        )
+        lse = tl.load(Lse + pid_bh * S + offs_m)
+        delta = tl.load(Delta + pid_bh * S + offs_m)
+        # -- transposed scores sT[n, m] (keys along rows), base 2 --
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+        if HAS_RPE:
+            sT += (
+                tl.load(
+                    Rpe + b * stride_rb + h * stride_rh + offs_m[None, :] * stride_rm + offs_n[:, None] * stride_rn
+                ).to(tl.float32)
+                * 1.4426950408889634
+            )
+        if HAS_KPM:
+            sT += kpm[:, None]
+        if HAS_AM:
+            sT += tl.load(Am + offs_m[None, :] * stride_amm + offs_n[:, None] * stride_amn) * 1.4426950408889634
+        pT = tl.math.exp2(sT - lse[None, :])
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=d_ok[None, :])
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(
+        DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+        dk.to(DK.dtype.element_ty),
+        mask=d_ok[None, :],
+    )
+    tl.store(
+        DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
+        dv.to(DV.dtype.element_ty),
+        mask=d_ok[None, :],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,13 +467,15 @@ def layout_index(layout: torch.Tensor, device: torch.device) -> LayoutIndex:
     return index
 
 
-def _tile(block: int) -> int:
-    """Query/key tile: the block itself up to 64; 128-blocks are walked as 64-wide sub-tiles (registers)."""
-    return min(block, 64)
+def _tile(block: int, fp32: bool) -> int:
+    """Query/key tile: the block itself up to 64 (32 for fp32, whose full-precision dots need more registers);
+    larger blocks are walked as sub-tiles, so no configuration spills."""
+    return min(block, 32 if fp32 else 64)
 
 
-def _num_warps(block_d: int) -> int:
-    return 8 if block_d > 64 else 4
+def _num_warps(tile: int, block_d: int, fp32: bool) -> int:
+    # 4 warps spill on sm_90 for fp32 32x32 tiles (ieee dots) and for D=128; 8 do not (AOT table).
+    return 8 if block_d > 64 or (fp32 and tile >= 32) else 4
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
@@ -318,39 +505,87 @@ def _bias_args(q, rpe, kpm, am):
     )
 
 
-def block_sparse_attention_fwd(q, k, v, index: LayoutIndex, block: int, scale: float, rpe=None, kpm=None, am=None,
-                               kpm_mode: str = "add", am_mode: str = "mul"):
+def block_sparse_attention_fwd(
+    q,
+    k,
+    v,
+    index: LayoutIndex,
+    block: int,
+    scale: float,
+    rpe=None,
+    kpm=None,
+    am=None,
+    kpm_mode: str = "add",
+    am_mode: str = "mul",
+):
     """Forward launcher. q, k, v (B, H, S, D); returns out (B, H, S, D) and lse (B, H, S) fp32 (base 2)."""
     B, H, S, D = q.shape
     BLOCK_D = max(16, next_pow2(D))
-    tile = _tile(block)
+    tile = _tile(block, q.dtype == torch.float32)
     out = torch.empty_like(q)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     kpm_a, am_a = _additive(kpm, kpm_mode), _additive(am, am_mode)
     (R, KP, AM), (rs, kps, ams) = _bias_args(q, rpe, kpm_a, am_a)
     grid = (S // tile, B * H)
     _block_sparse_attn_fwd_kernel[grid](
-        q, k, v, out, lse,  #
-        R, KP, AM,  #
-        index.kv_num, index.kv_idx,  #
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),  #
-        *rs, *kps, *ams,  #
-        *index.kv_num.stride(), *index.kv_idx.stride(),  #
-        H, S, D,  #
+        q,
+        k,
+        v,
+        out,
+        lse,  #
+        R,
+        KP,
+        AM,  #
+        index.kv_num,
+        index.kv_idx,  #
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),  #
+        *rs,
+        *kps,
+        *ams,  #
+        *index.kv_num.stride(),
+        *index.kv_idx.stride(),  #
+        H,
+        S,
+        D,  #
         scale * LOG2E,  #
-        BLOCK=block, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=BLOCK_D,  #
-        HAS_RPE=rpe is not None, HAS_KPM=kpm is not None, HAS_AM=am is not None, DOT_PREC=_dot_prec(q.dtype),  #
-        num_warps=_num_warps(BLOCK_D), num_stages=2,  #
+        BLOCK=block,
+        BLOCK_M=tile,
+        BLOCK_N=tile,
+        BLOCK_D=BLOCK_D,  #
+        HAS_RPE=rpe is not None,
+        HAS_KPM=kpm is not None,
+        HAS_AM=am is not None,
+        DOT_PREC=_dot_prec(q.dtype),  #
+        num_warps=_num_warps(tile, BLOCK_D, q.dtype == torch.float32),
+        num_stages=2,  #
     )
     return out, lse
 
 
-def block_sparse_attention_bwd(dout, q, k, v, out, lse, index: LayoutIndex, block: int, scale: float, rpe=None,
-                               kpm=None, am=None, kpm_mode: str = "add", am_mode: str = "mul", need_drpe: bool = False):
+def block_sparse_attention_bwd(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    index: LayoutIndex,
+    block: int,
+    scale: float,
+    rpe=None,
+    kpm=None,
+    am=None,
+    kpm_mode: str = "add",
+    am_mode: str = "mul",
+    need_drpe: bool = False,
+):
     """Backward launcher: returns dq, dk, dv (like q) and drpe (rpe's shape and dtype, or None)."""
     B, H, S, D = q.shape
     BLOCK_D = max(16, next_pow2(D))
-    tile = _tile(block)
+    tile = _tile(block, q.dtype == torch.float32)
     dout = dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1)  # (B, H, S): rowsum(dO * O)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -362,28 +597,81 @@ def block_sparse_attention_bwd(dout, q, k, v, out, lse, index: LayoutIndex, bloc
     flags = dict(HAS_RPE=rpe is not None, HAS_KPM=kpm is not None, HAS_AM=am is not None, DOT_PREC=_dot_prec(q.dtype))
     grid = (S // tile, B * H)
     _block_sparse_attn_bwd_dq_kernel[grid](
-        q, k, v, dout, dq, lse, delta,  #
-        R, KP, AM, DR,  #
-        index.kv_num, index.kv_idx,  #
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),  #
-        *rs, *kps, *ams, *drs,  #
-        *index.kv_num.stride(), *index.kv_idx.stride(),  #
-        H, S, D,  #
-        scale * LOG2E, scale,  #
-        BLOCK=block, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=BLOCK_D, HAS_DRPE=need_drpe, **flags,  #
-        num_warps=_num_warps(BLOCK_D), num_stages=2,  #
+        q,
+        k,
+        v,
+        dout,
+        dq,
+        lse,
+        delta,  #
+        R,
+        KP,
+        AM,
+        DR,  #
+        index.kv_num,
+        index.kv_idx,  #
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *dout.stride(),
+        *dq.stride(),  #
+        *rs,
+        *kps,
+        *ams,
+        *drs,  #
+        *index.kv_num.stride(),
+        *index.kv_idx.stride(),  #
+        H,
+        S,
+        D,  #
+        scale * LOG2E,
+        scale,  #
+        BLOCK=block,
+        BLOCK_M=tile,
+        BLOCK_N=tile,
+        BLOCK_D=BLOCK_D,
+        HAS_DRPE=need_drpe,
+        **flags,  #
+        num_warps=_num_warps(tile, BLOCK_D, q.dtype == torch.float32),
+        num_stages=2,  #
     )
     _block_sparse_attn_bwd_dkdv_kernel[grid](
-        q, k, v, dout, dk, dv, lse, delta,  #
-        R, KP, AM,  #
-        index.q_num, index.q_idx,  #
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),  #
-        *rs, *kps, *ams,  #
-        *index.q_num.stride(), *index.q_idx.stride(),  #
-        H, S, D,  #
-        scale * LOG2E, scale,  #
-        BLOCK=block, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=BLOCK_D, **flags,  #
-        num_warps=_num_warps(BLOCK_D), num_stages=2,  #
+        q,
+        k,
+        v,
+        dout,
+        dk,
+        dv,
+        lse,
+        delta,  #
+        R,
+        KP,
+        AM,  #
+        index.q_num,
+        index.q_idx,  #
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *dout.stride(),
+        *dk.stride(),
+        *dv.stride(),  #
+        *rs,
+        *kps,
+        *ams,  #
+        *index.q_num.stride(),
+        *index.q_idx.stride(),  #
+        H,
+        S,
+        D,  #
+        scale * LOG2E,
+        scale,  #
+        BLOCK=block,
+        BLOCK_M=tile,
+        BLOCK_N=tile,
+        BLOCK_D=BLOCK_D,
+        **flags,  #
+        num_warps=_num_warps(tile, BLOCK_D, q.dtype == torch.float32),
+        num_stages=2,  #
     )
     drpe = None
     if drpe_full is not None:
@@ -431,14 +719,30 @@ def _aot_specs() -> list[AotSpec]:
         for block, d in [(16, 64), (32, 64), (64, 64), (128, 64), (64, 128)]:
             all_features = [False, True] if (dtype, block, d) == ("*fp16", 64, 64) else [False]
             for feats in all_features:
-                tile = _tile(block)
-                base = dict(BLOCK=block, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=d, HAS_RPE=feats, HAS_KPM=feats,
-                            HAS_AM=feats, DOT_PREC="ieee" if dtype == "*fp32" else "tf32")
+                tile = _tile(block, dtype == "*fp32")
+                base = dict(
+                    BLOCK=block,
+                    BLOCK_M=tile,
+                    BLOCK_N=tile,
+                    BLOCK_D=d,
+                    HAS_RPE=feats,
+                    HAS_KPM=feats,
+                    HAS_AM=feats,
+                    DOT_PREC="ieee" if dtype == "*fp32" else "tf32",
+                )
                 tag = f"{dtype.lstrip('*')},block={block},D={d}" + (",rpe+kpm+am" if feats else "")
                 for name, kernel, extra in kernels:
                     consts = dict(base, **{k: feats for k in extra})
-                    specs.append(AotSpec(f"{name}[{tag}]", kernel, _signature(kernel, dtype), consts,
-                                         num_warps=_num_warps(d), num_stages=2))
+                    specs.append(
+                        AotSpec(
+                            f"{name}[{tag}]",
+                            kernel,
+                            _signature(kernel, dtype),
+                            consts,
+                            num_warps=_num_warps(tile, d, dtype == "*fp32"),
+                            num_stages=2,
+                        )
+                    )
     return specs
 
 

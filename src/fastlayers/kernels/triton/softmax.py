@@ -61,10 +61,11 @@ def _masked_softmax_fwd_kernel(
     x = tl.where(ok, x, float("-inf"))
     # -- softmax with a guard for rows that are all -inf (max -inf -> use 0, sum 0 -> p = 0) --
     row_max = tl.max(x, axis=1)
-    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    dead = row_max == float("-inf")
+    row_max = tl.where(dead, 0.0, row_max)
     e = tl.exp2((x - row_max[:, None]) * 1.4426950408889634)  # 1/ln(2): exp via exp2
-    denom = tl.sum(e, axis=1)
-    inv = tl.where(denom > 0.0, 1.0 / tl.where(denom > 0.0, denom, 1.0), 0.0)
+    denom = tl.sum(e, axis=1)  # NaN inputs make it NaN, so they stay NaN in p
+    inv = tl.where(dead, 0.0, 1.0 / tl.where(dead, 1.0, denom))
     p = e * inv[:, None]
     o_off = rows[:, None] * S_k + cols[None, :]  # contiguous outputs; also the dropout element index
     tl.store(P_ptr + o_off, p.to(P_ptr.dtype.element_ty), mask=ok)
