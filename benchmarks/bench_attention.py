@@ -1,4 +1,4 @@
-"""Attention core fwd+bwd vs F.scaled_dot_product_attention: `python -m benchmarks.bench_attention [--quick] [--json]`."""
+"""Attention core fwd+bwd vs F.scaled_dot_product_attention: `python -m benchmarks.bench_attention [--quick]`."""
 
 import argparse
 

@@ -1,4 +1,7 @@
-"""bias + dropout + residual + LayerNorm fwd+bwd vs eager PyTorch: `python -m benchmarks.bench_layer_norm [--quick] [--json]`."""
+"""bias + dropout + residual + LayerNorm fwd+bwd vs eager PyTorch.
+
+Run: `python -m benchmarks.bench_layer_norm [--quick] [--json]`.
+"""
 
 import argparse
 

@@ -14,6 +14,11 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
-    records = harness.run(transformer.cases(quick=args.quick, device=device), rounds=1 if args.quick else 3,
-                          reps=1 if args.quick else 3, progress=not args.json, device_type=device.type)
+    records = harness.run(
+        transformer.cases(quick=args.quick, device=device),
+        rounds=1 if args.quick else 3,
+        reps=1 if args.quick else 3,
+        progress=not args.json,
+        device_type=device.type,
+    )
     print(harness.to_json(records) if args.json else harness.format_table(records))

@@ -10,6 +10,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+# Import triton now, under the interpreter setting: if its first import happened inside a test that
+# sets TRITON_INTERPRET=0, triton's own jit helpers (behind tl.sum etc.) would be built for the compiler
+# and every later interpreted kernel would fail.
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+except ImportError:
+    pass
+
 import pytest  # noqa: E402
 
 FULL = os.environ.get("FASTLAYERS_TEST_FULL", "0") not in ("", "0")

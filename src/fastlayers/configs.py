@@ -101,8 +101,15 @@ class TransformerConfig:
     dtype: Literal["fp32", "fp16", "bf16"] | None = field(default=None)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "hidden_size", "intermediate_size", "heads", "num_hidden_layers", "local_rank",
-                     "seed"):
+        for name in (
+            "batch_size",
+            "hidden_size",
+            "intermediate_size",
+            "heads",
+            "num_hidden_layers",
+            "local_rank",
+            "seed",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
@@ -110,8 +117,17 @@ class TransformerConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"{name} must be a number, got {v!r} ({type(v).__name__})")
-        for name in ("fp16", "pre_layer_norm", "normalize_invertible", "gelu_checkpoint", "adjust_init_range",
-                     "attn_dropout_checkpoint", "stochastic_mode", "return_tuple", "training"):
+        for name in (
+            "fp16",
+            "pre_layer_norm",
+            "normalize_invertible",
+            "gelu_checkpoint",
+            "adjust_init_range",
+            "attn_dropout_checkpoint",
+            "stochastic_mode",
+            "return_tuple",
+            "training",
+        ):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise TypeError(f"{name} must be a bool, got {v!r} ({type(v).__name__})")
@@ -145,7 +161,9 @@ class TransformerConfig:
             try:
                 dtype = _DTYPE_ALIASES[dtype]
             except (KeyError, TypeError):
-                raise ValueError(f"dtype must be one of 'fp32', 'fp16', 'bf16' (or a torch dtype), got {dtype!r}")
+                raise ValueError(
+                    f"dtype must be one of 'fp32', 'fp16', 'bf16' (or a torch dtype), got {dtype!r}"
+                ) from None
             if self.fp16 and dtype != "fp16":
                 raise ValueError(f"fp16=True contradicts dtype={dtype!r}; set one of them")
             object.__setattr__(self, "dtype", dtype)
@@ -164,8 +182,11 @@ class TransformerConfig:
 
     def check_complete(self) -> None:
         """Raise ValueError naming every field a layer needs that is still -1 (not set)."""
-        missing = [n for n in ("hidden_size", "heads", "attn_dropout_ratio", "hidden_dropout_ratio",
-                               "initializer_range") if getattr(self, n) == UNSET]
+        missing = [
+            n
+            for n in ("hidden_size", "heads", "attn_dropout_ratio", "hidden_dropout_ratio", "initializer_range")
+            if getattr(self, n) == UNSET
+        ]
         if self.adjust_init_range and self.num_hidden_layers == UNSET:
             missing.append("num_hidden_layers (needed by adjust_init_range=True; or set adjust_init_range=False)")
         if missing:

@@ -72,7 +72,7 @@ def test_dropout_checkpoint_same_results_fewer_saved_bytes(dropout_p):
         )
         res[ckpt] = (out, grads, nbytes)
     assert torch.equal(res[True][0], res[False][0])
-    for a, b in zip(res[True][1], res[False][1]):
+    for a, b in zip(res[True][1], res[False][1], strict=True):
         assert torch.equal(a, b)
     mask_bytes = 2 * 3 * 33 * 33  # one bool per probability
     if dropout_p > 0:
@@ -137,7 +137,7 @@ def test_bias_gradient_on_torch_backend():
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v, bias), g)
     want = torch.autograd.grad(ref, (q, k, v, bias), g)
-    for name, a, b in zip(("dq", "dk", "dv", "dbias"), got, want):
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), got, want, strict=True):
         assert_close(a, b, kind="bwd", name=name)
 
 

@@ -8,15 +8,20 @@ import torch
 import torch.nn.functional as F
 
 from fastlayers import backends
-from fastlayers.utils import is_triton_available
 from fastlayers.functional.layer_norm import LN_OP, OP, bias_dropout_residual_layer_norm, layer_norm
+from fastlayers.utils import is_triton_available
 from tests.tolerances import assert_close
 
 
 def _inputs(shape=(2, 5, 64), dtype=torch.float32):
     n = shape[-1]
-    return (torch.randn(*shape, dtype=dtype), torch.randn(n, dtype=dtype), torch.randn(*shape, dtype=dtype),
-            torch.rand(n, dtype=dtype) + 0.5, torch.randn(n, dtype=dtype))  # fmt: skip
+    return (
+        torch.randn(*shape, dtype=dtype),
+        torch.randn(n, dtype=dtype),
+        torch.randn(*shape, dtype=dtype),
+        torch.rand(n, dtype=dtype) + 0.5,
+        torch.randn(n, dtype=dtype),
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -46,8 +51,7 @@ def test_cpu_picks_torch_automatically_even_under_the_interpreter(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_reference_backend_always_works(dtype):
     x, bias, r, w, b = _inputs(dtype=dtype)
-    y, pre = bias_dropout_residual_layer_norm(x, bias, r, w, b, eps=1e-5, return_residual_out=True,
-                                              backend="reference")  # fmt: skip
+    y, pre = bias_dropout_residual_layer_norm(x, bias, r, w, b, eps=1e-5, return_residual_out=True, backend="reference")
     assert_close(pre, r + x + bias, name="pre")
     assert_close(y, F.layer_norm(r + x + bias, (64,), w, b, 1e-5), name="y")
     assert_close(layer_norm(x, w, b, backend="reference"), F.layer_norm(x, (64,), w, b), name="ln")
@@ -106,7 +110,7 @@ def test_env_selects_triton_under_the_interpreter(monkeypatch):
         (dict(ln_bias=torch.ones(64, 1)), ValueError, r"ln_bias must have shape \(64\), got \(64, 1\)"),
         (dict(bias=torch.ones(32)), ValueError, r"bias must have shape \(64\), got \(32,\)"),
         (dict(residual=torch.ones(2, 4, 64)), ValueError, r"residual must have shape \(2, 5, 64\), got \(2, 4, 64\)"),
-        (dict(weight=torch.ones(64, dtype=torch.float64)), TypeError, r"weight must have dtype in \['fp32'\], got fp64"),
+        (dict(weight=torch.ones(64, dtype=torch.float64)), TypeError, r"weight must have dtype .* got fp64"),
         (dict(residual=torch.ones(2, 5, 64, dtype=torch.float16)), TypeError, r"residual .* got fp16"),
         (dict(x=torch.ones(2, 5, 64, dtype=torch.int32)), TypeError, r"x must have dtype .* got int32"),
         (dict(x=[1.0, 2.0]), TypeError, r"x must be a torch.Tensor, got list"),
@@ -114,7 +118,7 @@ def test_env_selects_triton_under_the_interpreter(monkeypatch):
         (dict(weight=torch.ones(64, device="meta")), ValueError, r"weight is on meta, expected cpu"),
         (dict(x=torch.ones(2, 0)), ValueError, r"non-empty last .* got shape \(2, 0\)"),
     ],
-)  # fmt: skip
+)
 def test_bad_tensors_raise_naming_the_value(change, exc, match):
     x, bias, r, w, b = _inputs()
     args = dict(x=x, bias=bias, residual=r, weight=w, ln_bias=b)
@@ -159,8 +163,9 @@ def test_return_structure(backend):
     assert isinstance(y, torch.Tensor) and y.shape == x.shape
     y2, pre = bias_dropout_residual_layer_norm(x, bias, r, w, b, return_residual_out=True, **kw)
     y3, mask = bias_dropout_residual_layer_norm(x, bias, r, w, b, return_mask=True, **kw)
-    y4, pre4, mask4 = bias_dropout_residual_layer_norm(x, bias, r, w, b, return_residual_out=True,
-                                                       return_mask=True, **kw)  # fmt: skip
+    y4, pre4, mask4 = bias_dropout_residual_layer_norm(
+        x, bias, r, w, b, return_residual_out=True, return_mask=True, **kw
+    )
     for t in (y2, y3, y4):
         assert torch.equal(t, y)
     assert torch.equal(pre, pre4) and torch.equal(mask, mask4)

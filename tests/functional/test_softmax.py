@@ -33,8 +33,8 @@ def test_env_var(monkeypatch):
 
 def test_triton_refusals(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(NotImplementedError, match="S_k=20000"):
-        masked_softmax(torch.randn(1, 1, 1, 20000), backend="triton")
+    with pytest.raises(NotImplementedError, match="S_k=9000"):
+        masked_softmax(torch.randn(1, 1, 1, 9000), backend="triton")
     mask = torch.zeros(1, 1, 1, 4, requires_grad=True)
     with pytest.raises(NotImplementedError, match="mask requires grad"):
         masked_softmax(torch.randn(1, 1, 2, 4), mask, backend="triton")
@@ -47,6 +47,7 @@ def test_checkpoint_saves_fewer_bytes_same_results():
     mask = torch.zeros(2, 1, 1, 16)
     res = {}
     for ckpt in (True, False):
+
         def fn(ckpt=ckpt):
             return masked_softmax(s, mask, dropout_p=0.2, seed=4, checkpoint=ckpt)
 
@@ -100,7 +101,7 @@ def test_mask_gradient_on_torch_backend():
     keep = keep_mask((2, 2, 4, 6), 0.2, 1, "cpu", 0)
     ref = masked_softmax_ref(s, mask, scale=0.5, dropout_p=0.2, keep_mask=keep)
     g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (s, mask), g), torch.autograd.grad(ref, (s, mask), g)):
+    for a, b in zip(torch.autograd.grad(out, (s, mask), g), torch.autograd.grad(ref, (s, mask), g), strict=True):
         assert_close(a, b, kind="bwd")
 
 

@@ -79,7 +79,13 @@ def test_ddp_two_gloo_processes_match_single_process():
         opt.step()
         for got in ranks:
             for name, p in layer.named_parameters():
-                torch.testing.assert_close(got[pre]["grads"][name], p.grad, atol=1e-6, rtol=1e-5,
-                                           msg=f"pre_layer_norm={pre} grad {name}")
-                torch.testing.assert_close(got[pre]["params"][name], p.detach(), atol=1e-6, rtol=1e-5,
-                                           msg=f"pre_layer_norm={pre} param {name} after one SGD step")
+                torch.testing.assert_close(
+                    got[pre]["grads"][name], p.grad, atol=1e-6, rtol=1e-5, msg=f"pre_layer_norm={pre} grad {name}"
+                )
+                torch.testing.assert_close(
+                    got[pre]["params"][name],
+                    p.detach(),
+                    atol=1e-6,
+                    rtol=1e-5,
+                    msg=f"pre_layer_norm={pre} param {name} after one SGD step",
+                )

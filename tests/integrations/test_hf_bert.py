@@ -164,7 +164,7 @@ def test_patch_roberta_and_hidden_states():
     out = patched(input_ids=ids, attention_mask=keep, output_hidden_states=True)
     assert_close(out.last_hidden_state, ref.last_hidden_state, dtype=torch.float32, atol=1e-5, rtol=1e-4)
     assert len(out.hidden_states) == len(ref.hidden_states) == 4
-    for a, b in zip(out.hidden_states, ref.hidden_states):
+    for a, b in zip(out.hidden_states, ref.hidden_states, strict=True):
         assert_close(a, b, dtype=torch.float32, atol=1e-5, rtol=1e-4)
 
 
@@ -184,13 +184,20 @@ def test_patch_keeps_train_mode_dtype_and_dropout_follows_torch_seed():
     assert patch_bert(model) == 0  # nothing left to replace
 
 
+def test_patch_refuses_hf_gradient_checkpointing():
+    model = transformers.BertModel(bert_config(32, 2, layers=1))
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        patch_bert(model)
+
+
 def test_convert_state_dict_loads_both_ways():
     cfg = bert_config(32, 2, layers=2)
     model, patched = _model_pair(transformers.BertModel, cfg)
     patched.load_state_dict(convert_model_state_dict(model.state_dict(), to="ds"))
     fresh = transformers.BertModel(cfg)
     fresh.load_state_dict(convert_model_state_dict(patched.state_dict(), to="hf"))
-    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
     with pytest.raises(ValueError, match="'ds' or 'hf'"):
         convert_model_state_dict({}, to="deepspeed")

@@ -87,12 +87,12 @@ def check_against_reference(backend, dtype, b, h, s_q, s_k, d, bias_kind, causal
     keep = backend_keep(backend, (b, h, s_q, s_k), dropout_p, seed, offset) if dropout_p > 0 else None
     if dtype == torch.float32:
         want = reference(q, k, v, dout, False, keep_mask=keep, **kw)
-        for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
             assert_close(g, w, kind="fwd" if name == "out" else "bwd", name=name)
     else:  # flash-attn's relative rule against an fp32 reference and the fp16 reference
         want32 = reference(q, k, v, dout, True, keep_mask=keep, **kw)
         want16 = reference(q, k, v, dout, False, keep_mask=keep, **kw)
-        for name, g, w32, w16 in zip(("out", "dq", "dk", "dv"), got, want32, want16):
+        for name, g, w32, w16 in zip(("out", "dq", "dk", "dv"), got, want32, want16, strict=True):
             assert g.dtype == dtype
             assert_close_to_reference(g, w32, w16, atol=2e-3, name=name)
     if bias_kind == "dead":
@@ -124,7 +124,7 @@ def test_strided_qkv_views(backend):
     dout = torch.randn(b, s, h, d)
     got = run(backend, q, k, v, dout)
     want = reference(q.contiguous(), k.contiguous(), v.contiguous(), dout, False)
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         assert_close(g, w, kind="fwd" if name == "out" else "bwd", name=name)
 
 
@@ -135,3 +135,21 @@ def test_same_seed_same_result_and_offset_changes_mask(backend):
     assert torch.equal(a, attention(q, k, v, dropout_p=0.5, seed=5, backend=backend))
     assert not torch.equal(a, attention(q, k, v, dropout_p=0.5, seed=5, offset=1, backend=backend))
     assert not torch.equal(a, attention(q, k, v, dropout_p=0.5, seed=6, backend=backend))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_torch_long_odd_sequence(dropout_p):
+    # S = 509 (prime), D = 80; too big for the interpreter, cheap for the torch backend
+    check_against_reference("torch", torch.float32, 1, 2, 509, 509, 80, "pad10000", True, dropout_p=dropout_p)
+
+
+@pytest.mark.interpreter
+def test_triton_dropout_mask_keep_fraction():
+    from fastlayers.kernels.triton.attention import attention_dropout_mask
+
+    keep = attention_dropout_mask(2, 2, 64, 128, 0.3, 123, 0, torch.device("cpu"))
+    assert keep.dtype == torch.bool and keep.shape == (2, 2, 64, 128)
+    assert abs(keep.float().mean().item() - 0.7) < 0.01
+    assert not torch.equal(keep[0, 0], keep[0, 1]), "each head draws its own stream"
+    other = attention_dropout_mask(2, 2, 64, 128, 0.3, 123, 1, torch.device("cpu"))
+    assert (keep != other).float().mean().item() > 0.2, "the offset changes the mask"

@@ -142,16 +142,19 @@ def test_torch_float64_and_layout_cache_sees_in_place_edits():
 
 @pytest.mark.parametrize("block", [16, 32, 64])
 def test_torch_varied_row_counts(block):
-    """Rows with 1..nb kept blocks (many groups) and the BigBird pattern (global rows + window)."""
-    H, nb = 2, 8
+    """Rows with 1..nb kept blocks (many groups), the BigBird pattern (global rows + window) and the Fixed
+    pattern (rows of a window share their key blocks: merged into one SDPA entry), with every bias."""
+    H, nb = 3, 8
     S = nb * block
     layout = torch.zeros(H, nb, nb, dtype=torch.long)
     for i in range(nb):
         layout[0, i, : i + 1] = 1  # causal: every count from 1 to nb
         layout[1, i, max(0, i - 1) : i + 2] = 1  # window
+        layout[2, i, (i // 3) * 3 : (i // 3) * 3 + 3] = 1  # windows of 3 blocks (the last one short)
     layout[1, 0] = 1
     layout[1, :, 0] = 1
-    _check("torch", (1, H, S, 32, block, "rpe"), torch.float32, layout)
+    layout[2, :, 2] = 1  # a global column
+    _check("torch", (2, H, S, 32, block, "kpm_mul+am_add+rpe"), torch.float32, layout)
 
 
 @pytest.mark.slow
@@ -161,3 +164,21 @@ def test_torch_varied_row_counts(block):
 def test_torch_sweep(block, d, dtype):
     S = 256 if block < 128 else 512
     _check("torch", (2, 3, S, d, block, "kpm_mul+am_add+rpe"), dtype)
+
+
+def test_torch_cpu_fast_path_with_constant_biases():
+    """rpe and masks that need no gradient go through the CPU flash path (custom Function), grads still exact."""
+    case = (2, 2, 128, 32, 32, "kpm_mul+am_add")
+    layout = make_layout(2, 4)
+    q, k, v, kw = make_inputs(case, torch.float32)
+    kw["rpe"] = torch.randn(1, 2, 128, 128)
+    out = block_sparse_attention(q, k, v, layout, block=32, backend="torch", **kw)
+    if q.device.type == "cpu":
+        assert type(out.grad_fn).__name__ == "BlockSparseAttentionTorchFunctionBackward"
+    ref = block_sparse_attention_ref(q, k, v, layout, block=32, **kw)
+    assert_close(out, ref, torch.float32)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, [q, k, v], dout)
+    want = torch.autograd.grad(ref, [q, k, v], dout)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert_close(g, w, torch.float32, "bwd", name="d" + name)

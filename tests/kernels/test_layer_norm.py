@@ -34,25 +34,28 @@ def _grads(outs, inputs, douts):
     return [None if t is None else next(got) for t in inputs]
 
 
-def _check_against_reference(backend, shape, dtype, *, p, invertible, with_bias=True, with_residual=True,
-                             return_pre=True):  # fmt: skip
+def _check_against_reference(
+    backend, shape, dtype, *, p, invertible, with_bias=True, with_residual=True, return_pre=True
+):
     inputs = _inputs(shape, dtype, with_bias, with_residual)
     kw = dict(eps=1e-5, dropout_p=p, seed=1234, invertible=invertible)
-    outs = bias_dropout_residual_layer_norm(*inputs, **kw, return_residual_out=return_pre, return_mask=True,
-                                            backend=backend)  # fmt: skip
+    outs = bias_dropout_residual_layer_norm(
+        *inputs, **kw, return_residual_out=return_pre, return_mask=True, backend=backend
+    )
     *outs, mask = outs
     assert mask.dtype == torch.bool and mask.shape == inputs[0].shape
     ref_in = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
-    ref = bias_dropout_residual_layer_norm_ref(*ref_in, eps=1e-5, dropout_p=p, keep_mask=mask,
-                                               return_residual_out=return_pre)  # fmt: skip
+    ref = bias_dropout_residual_layer_norm_ref(
+        *ref_in, eps=1e-5, dropout_p=p, keep_mask=mask, return_residual_out=return_pre
+    )
     ref = list(ref) if return_pre else [ref]
-    for name, o, r in zip(("y", "pre"), outs, ref):
+    for name, o, r in zip(("y", "pre")[: len(outs)], outs, ref, strict=True):
         assert o.dtype == dtype
         assert_close(o, r, dtype, "fwd", name=name)
     douts = [torch.randn_like(o) for o in outs]
     got = _grads(outs, inputs, douts)
     want = _grads(ref, ref_in, [d.double() for d in douts])
-    for name, g, r in zip(NAMES, got, want):
+    for name, g, r in zip(NAMES, got, want, strict=True):
         if r is None:
             assert g is None, name
             continue
@@ -79,18 +82,22 @@ def test_torch_matches_reference_other_dtypes(dtype, invertible):
     _check_against_reference("torch", (2, 97, 1023), dtype, p=0.2, invertible=invertible)
 
 
-@pytest.mark.parametrize("with_bias,with_residual,p", [(False, False, 0.0), (True, False, 0.3), (False, True, 0.0),
-                                                       (False, False, 0.3), (True, True, 0.0)])  # fmt: skip
+@pytest.mark.parametrize(
+    "with_bias,with_residual,p",
+    [(False, False, 0.0), (True, False, 0.3), (False, True, 0.0), (False, False, 0.3), (True, True, 0.0)],
+)
 @pytest.mark.parametrize("invertible", [False, True], ids=["saved-input", "invertible"])
 def test_torch_feature_combinations(with_bias, with_residual, p, invertible):
-    _check_against_reference("torch", (3, 5, 64), torch.float32, p=p, invertible=invertible, with_bias=with_bias,
-                             with_residual=with_residual)  # fmt: skip
+    _check_against_reference(
+        "torch", (3, 5, 64), torch.float32, p=p, invertible=invertible, with_bias=with_bias, with_residual=with_residual
+    )
 
 
 def test_torch_mask_is_utils_keep_mask_and_matches_reference_bitwise():
     x, bias, r, w, b = _inputs((4, 9, 64), torch.float32)
-    y, mask = bias_dropout_residual_layer_norm(x, bias, r, w, b, dropout_p=0.4, seed=7, offset=3, return_mask=True,
-                                               backend="torch")  # fmt: skip
+    y, mask = bias_dropout_residual_layer_norm(
+        x, bias, r, w, b, dropout_p=0.4, seed=7, offset=3, return_mask=True, backend="torch"
+    )
     assert torch.equal(mask, keep_mask((4, 9, 64), 0.4, 7, "cpu", 3))
     ref = bias_dropout_residual_layer_norm_ref(x, bias, r, w, b, dropout_p=0.4, seed=7, offset=3)
     assert_close(y, ref, name="y")
@@ -115,12 +122,15 @@ TRITON_CASES = [
 @pytest.mark.parametrize(
     "shape,dtype,p,invertible,with_bias,with_residual",
     TRITON_CASES,
-    ids=[f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}-p{c[2]}-{'inv' if c[3] else 'std'}-b{int(c[4])}r{int(c[5])}"
-         for c in TRITON_CASES],
-)  # fmt: skip
+    ids=[
+        f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}-p{c[2]}-{'inv' if c[3] else 'std'}-b{int(c[4])}r{int(c[5])}"
+        for c in TRITON_CASES
+    ],
+)
 def test_triton_matches_reference(shape, dtype, p, invertible, with_bias, with_residual):
-    _check_against_reference("triton", shape, dtype, p=p, invertible=invertible, with_bias=with_bias,
-                             with_residual=with_residual)  # fmt: skip
+    _check_against_reference(
+        "triton", shape, dtype, p=p, invertible=invertible, with_bias=with_bias, with_residual=with_residual
+    )
 
 
 @pytest.mark.interpreter
@@ -143,8 +153,18 @@ def test_triton_mask_regenerated_in_backward_matches_returned_mask():
     key = triton_ln.dropout_seed(99, 1)
     y, pre, mean, rstd, mask = triton_ln.layer_norm_fwd(x, None, None, w, b, 1e-5, 0.5, key, return_mask=True)
     assert torch.equal(pre, torch.where(mask, x * 2.0, 0.0))
-    dx, dbias, dres, dw, db = triton_ln.layer_norm_bwd(torch.zeros_like(x), pre, w, b, mean, rstd, invertible=False,
-                                                       dpre_out=torch.ones_like(x), dropout_p=0.5, seed=key)  # fmt: skip
+    dx, dbias, dres, dw, db = triton_ln.layer_norm_bwd(
+        torch.zeros_like(x),
+        pre,
+        w,
+        b,
+        mean,
+        rstd,
+        invertible=False,
+        dpre_out=torch.ones_like(x),
+        dropout_p=0.5,
+        seed=key,
+    )
     assert torch.equal(dx, mask.float() * 2.0)  # dpre = 1 everywhere, scaled by the regenerated mask
     assert dbias is None and dres is dx
 
@@ -159,14 +179,15 @@ def test_invertible_gives_the_same_grads(backend):
     inputs = _inputs((7, 200), torch.float32)
     grads = []
     for inv in (False, True):
-        y, pre = bias_dropout_residual_layer_norm(*inputs, dropout_p=0.3, seed=5, invertible=inv,
-                                                  return_residual_out=True, backend=backend)  # fmt: skip
+        y, pre = bias_dropout_residual_layer_norm(
+            *inputs, dropout_p=0.3, seed=5, invertible=inv, return_residual_out=True, backend=backend
+        )
         torch.manual_seed(1)
         douts = [torch.randn_like(y), torch.randn_like(pre)]
         grads.append((y.detach(), _grads([y, pre], inputs, douts)))
     (y0, g0), (y1, g1) = grads
     assert torch.equal(y0, y1)
-    for name, a, c in zip(NAMES, g0, g1):
+    for name, a, c in zip(NAMES, g0, g1, strict=True):
         assert_close(c, a, torch.float32, "bwd", name="d" + name)
 
 
@@ -177,8 +198,9 @@ def test_invertible_saves_fewer_bytes(backend):
 
     def saved(inv, consumer):
         def fn():
-            y = bias_dropout_residual_layer_norm(x, bias, r, w, b, dropout_p=0.1, seed=3, invertible=inv,
-                                                 backend=backend)  # fmt: skip
+            y = bias_dropout_residual_layer_norm(
+                x, bias, r, w, b, dropout_p=0.1, seed=3, invertible=inv, backend=backend
+            )
             return y @ next_w.t() if consumer else y  # the next Linear keeps y anyway
 
         return saved_activation_bytes(fn, exclude=(x, bias, r, w, b))
@@ -209,8 +231,9 @@ def test_torch_saves_a_one_byte_mask(backend):
 def test_keep_fraction(backend, p):
     x = torch.randn(48, 1024)  # 49k draws: 0.01 is > 4 standard deviations of the kept fraction
     w, b = torch.ones(1024), torch.zeros(1024)
-    _, mask = bias_dropout_residual_layer_norm(x, None, None, w, b, dropout_p=p, seed=2024, return_mask=True,
-                                               backend=backend)  # fmt: skip
+    _, mask = bias_dropout_residual_layer_norm(
+        x, None, None, w, b, dropout_p=p, seed=2024, return_mask=True, backend=backend
+    )
     kept = mask.float().mean().item()
     assert abs(kept - (1 - p)) < 0.01, kept
     rows = mask.float().mean(1)  # every row is drawn, not just the first ones
@@ -244,6 +267,10 @@ def test_layer_norm_matches_f_layer_norm(backend, invertible):
     want = torch.nn.functional.layer_norm(x, (1023,), w, b, 1e-5)
     assert_close(y, want, name="y")
     dy = torch.randn_like(y)
-    for name, g, r in zip(("x", "weight", "bias"), torch.autograd.grad(y, (x, w, b), dy),
-                          torch.autograd.grad(want, (x, w, b), dy)):  # fmt: skip
+    for name, g, r in zip(
+        ("x", "weight", "bias"),
+        torch.autograd.grad(y, (x, w, b), dy),
+        torch.autograd.grad(want, (x, w, b), dy),
+        strict=True,
+    ):
         assert_close(g, r, torch.float32, "bwd", name="d" + name)

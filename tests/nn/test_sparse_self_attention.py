@@ -311,3 +311,19 @@ def test_random_layout_is_taken_from_rank_0(monkeypatch):
     assert torch.equal(module.get_layout(128), rank0)
     module.get_layout(64)
     assert calls == [0]  # once, on first use
+
+
+@pytest.mark.interpreter
+def test_triton_backend_under_the_interpreter():
+    pytest.importorskip("triton")
+    from fastlayers.utils import triton_interpret
+
+    if not (torch.cuda.is_available() or triton_interpret()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = SparseSelfAttention(PATTERNS["bigbird-uni"](2, 16), max_seq_length=64, backend="triton").to(device)
+    q, k, v = (t.to(device).detach().requires_grad_() for t in qkv(1, 2, 64, 16, torch.float32))
+    rpe = torch.randn(1, 2, 64, 64, device=device, requires_grad=True)
+    kpm = torch.zeros(64, device=device)
+    kpm[-5:] = float("-inf")
+    check_fwd_bwd(module, q, k, v, rpe=rpe, kpm=kpm[None, None, None, :])

@@ -57,7 +57,7 @@ def ref64(layer: TransformerLayer, x: torch.Tensor, mask: torch.Tensor | None, *
 
 def grads_of(out, inputs: dict[str, torch.Tensor], dy):
     gs = torch.autograd.grad(out, list(inputs.values()), dy)
-    return dict(zip(inputs, gs))
+    return dict(zip(inputs, gs, strict=True))
 
 
 def check_fwd_bwd(layer, x, mask_for_layer, mask_ref, *, fwd_tol=None, bwd_tol=None, **ref_kw):
@@ -208,7 +208,7 @@ def test_parameter_names_and_shapes_are_deepspeeds():
     sd = layer.state_dict()
     other = TransformerLayer(cfg)
     other.load_state_dict(sd)
-    assert all(torch.equal(a, b) for a, b in zip(layer.parameters(), other.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(layer.parameters(), other.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("local_rank", [-1, 0, 3])
@@ -237,7 +237,7 @@ def test_initial_weights_and_biases_in_deepspeed_order():
     assert torch.equal(layer.attn_qkvw, torch.cat(w[:3]))
     assert torch.equal(layer.attn_qkvb, torch.cat(b[:3]))  # used (DeepSpeed zero-fills and ignores b[0:3])
     for (wn, bn), i in zip([("attn_ow", "attn_ob"), ("attn_nw", "attn_nb"), ("inter_w", "inter_b"),
-                            ("output_w", "output_b"), ("norm_w", "norm_b")], range(3, 8)):  # fmt: skip
+                            ("output_w", "output_b"), ("norm_w", "norm_b")], range(3, 8), strict=True):  # fmt: skip
         assert torch.equal(getattr(layer, wn), w[i]) and torch.equal(getattr(layer, bn), b[i])
     w[0].add_(1.0)  # copied, not aliased
     assert not torch.equal(layer.attn_qkvw[:H], w[0])
@@ -292,7 +292,9 @@ def test_dropout_matches_reference_given_the_seeded_masks(pre):
     layer = make_layer(cfg)
     B, S = 2, 13
     x = torch.randn(B, S, 64)
-    seed = new_seed(torch.Generator().manual_seed(1234))  # the layer's first draw
+    g = torch.Generator()
+    g.set_state(layer.generator.get_state())
+    seed = new_seed(g)  # the layer's next draw
     masks = _expected_keep_masks(layer, seed, B, S)
     keep = padding_mask(B, S)
     check_fwd_bwd(layer, x, keep, additive(keep), attn_dropout_p=0.2, hidden_dropout_p=0.3, keep_masks=masks)
@@ -312,6 +314,19 @@ def test_dropout_reproducible_under_seed_and_off_in_eval():
     ref, _ = ref64(a, x, None)
     assert_close(a(x), ref, dtype=torch.float32)
     assert torch.equal(a(x), a(x))
+
+
+def test_layers_sharing_a_seed_get_distinct_reproducible_streams():
+    cfg = make_config(p_attn=0.0, p_hid=0.5, seed=987654)
+    first, second = TransformerLayer(cfg), TransformerLayer(cfg)
+    assert (first.seed_index, second.seed_index) == (0, 1)
+    assert torch.equal(first.generator.get_state(), torch.Generator().manual_seed(987654).get_state())
+    second.load_state_dict(first.state_dict())
+    x = torch.randn(2, 5, 64)
+    assert not torch.equal(first(x), second(x))  # not the same masks in every layer of a stack
+    twin = copy.deepcopy(second)
+    twin.generator.set_state(second.generator.get_state())
+    assert torch.equal(twin(x), second(x))
 
 
 def test_global_rng_seed_when_config_seed_is_unset():
@@ -349,12 +364,13 @@ def test_memory_flags_give_the_same_outputs_and_gradients(pre, flags):
     base = make_layer(cfg)
     flagged = TransformerLayer(dataclasses.replace(cfg, **dict.fromkeys(flags, True)))
     flagged.load_state_dict(base.state_dict())
+    flagged.generator.set_state(base.generator.get_state())  # same dropout seeds
     B, S = 2, 17
     x, dy, keep = torch.randn(B, S, 64), torch.randn(B, S, 64), padding_mask(B, S)
     out0, g0 = _run(base, x, keep, dy)
     out1, g1 = _run(flagged, x, keep, dy)
     assert torch.equal(out0, out1)  # the flags only change what backward keeps
-    for name, a, b in zip(["x", *PARAM_NAMES], g0, g1):
+    for name, a, b in zip(["x", *PARAM_NAMES], g0, g1, strict=True):
         if "normalize_invertible" in flags:  # x̂ is rebuilt from y: equal up to rounding
             assert_close(b, a, dtype=torch.float32, kind="bwd", atol=1e-5, rtol=1e-4, name=name)
         else:
@@ -457,16 +473,19 @@ def test_autocast_bf16_on_cpu():
     assert torch.isfinite(layer.attn_qkvw.grad).all()
 
 
-def test_stochastic_mode_runs_and_default_mode_is_deterministic():
+def test_stochastic_mode_uses_native_dropout_default_mode_only_the_layer_seed():
     cfg = make_config(pre=True, p_attn=0.1, p_hid=0.3, seed=5)
     x = torch.randn(2, 6, 64)
-    outs = [make_layer(cfg, device="cpu") for _ in range(2)]
-    outs[1].load_state_dict(outs[0].state_dict())
-    assert torch.equal(outs[0](x), outs[1](x))
-    sto = TransformerLayer(dataclasses.replace(cfg, stochastic_mode=True))
-    sto.load_state_dict(outs[0].state_dict())
-    y = sto(x)
-    assert y.shape == x.shape and torch.isfinite(y).all()
+    for stochastic in (False, True):
+        layer = make_layer(dataclasses.replace(cfg, stochastic_mode=stochastic))
+        state = layer.generator.get_state()
+        outs = []
+        for global_seed in (1, 2):  # same layer seed, different global RNG
+            torch.manual_seed(global_seed)
+            layer.generator.set_state(state)
+            outs.append(layer(x))
+        assert torch.equal(outs[0], outs[1]) != stochastic
+        assert torch.isfinite(outs[1]).all()
 
 
 # -- backends ------------------------------------------------------------------------------------------------

@@ -55,8 +55,9 @@ def test_fused_ref_dropout_uses_keep_mask_and_scales():
     w, b = _params(64, torch.float64)
     p = 0.3
     mask = torch.rand(7, 64) >= p
-    y, pre = bias_dropout_residual_layer_norm_ref(x, bias, r, w, b, dropout_p=p, keep_mask=mask,
-                                                  return_residual_out=True)  # fmt: skip
+    y, pre = bias_dropout_residual_layer_norm_ref(
+        x, bias, r, w, b, dropout_p=p, keep_mask=mask, return_residual_out=True
+    )
     want_pre = r + (x + bias) * mask / (1 - p)
     assert_close(pre, want_pre, name="pre")
     assert_close(y, F.layer_norm(want_pre, (64,), w, b, 1e-12), name="y")
@@ -65,11 +66,13 @@ def test_fused_ref_dropout_uses_keep_mask_and_scales():
 def test_fused_ref_mask_comes_from_utils_keep_mask():
     x = torch.randn(3, 5, 64)
     w, b = _params(64, torch.float32)
-    _, mask = bias_dropout_residual_layer_norm_ref(x, None, None, w, b, dropout_p=0.25, seed=11, offset=2,
-                                                   return_mask=True)  # fmt: skip
+    _, mask = bias_dropout_residual_layer_norm_ref(
+        x, None, None, w, b, dropout_p=0.25, seed=11, offset=2, return_mask=True
+    )
     assert torch.equal(mask, keep_mask((3, 5, 64), 0.25, 11, "cpu", 2))
-    _, other = bias_dropout_residual_layer_norm_ref(x, None, None, w, b, dropout_p=0.25, seed=11, offset=3,
-                                                    return_mask=True)  # fmt: skip
+    _, other = bias_dropout_residual_layer_norm_ref(
+        x, None, None, w, b, dropout_p=0.25, seed=11, offset=3, return_mask=True
+    )
     assert not torch.equal(mask, other)
 
 
@@ -78,8 +81,9 @@ def test_fused_ref_no_dropout_draws_nothing(training, p):
     x = torch.randn(4, 64)
     w, b = _params(64, torch.float32)
     state = torch.get_rng_state()
-    y, mask = bias_dropout_residual_layer_norm_ref(x, None, None, w, b, dropout_p=p, training=training,
-                                                   return_mask=True)  # fmt: skip
+    y, mask = bias_dropout_residual_layer_norm_ref(
+        x, None, None, w, b, dropout_p=p, training=training, return_mask=True
+    )
     assert torch.equal(torch.get_rng_state(), state)
     assert bool(mask.all())
     assert_close(y, F.layer_norm(x, (64,), w, b, 1e-12), name="y")
@@ -100,8 +104,9 @@ def test_fused_ref_gradcheck_float64(with_bias, with_residual):
         xx = next(it)
         bb = next(it) if with_bias else None
         rr = next(it) if with_residual else None
-        return bias_dropout_residual_layer_norm_ref(xx, bb, rr, next(it), next(it), eps=1e-5, dropout_p=0.3,
-                                                    keep_mask=mask, return_residual_out=True)  # fmt: skip
+        return bias_dropout_residual_layer_norm_ref(
+            xx, bb, rr, next(it), next(it), eps=1e-5, dropout_p=0.3, keep_mask=mask, return_residual_out=True
+        )
 
     inputs = tuple(t for t in (x, bias, r, w, b) if t is not None)
     assert torch.autograd.gradcheck(fn, inputs)

@@ -31,8 +31,9 @@ def _case(m: int, n: int, p: float, device: torch.device, dtype: torch.dtype, in
     next_w = torch.nn.Parameter(torch.randn(64, n, generator=g).to(device=device, dtype=dtype))
 
     def ours_fwd(inv=invertible):
-        return bias_dropout_residual_layer_norm(x, bias, residual, weight, ln_bias, eps=1e-12, dropout_p=p,
-                                                invertible=inv)  # fmt: skip
+        return bias_dropout_residual_layer_norm(
+            x, bias, residual, weight, ln_bias, eps=1e-12, dropout_p=p, invertible=inv
+        )
 
     def peer_fwd():
         return F.layer_norm(residual + F.dropout(x + bias, p, training=True), (n,), weight, ln_bias, 1e-12)

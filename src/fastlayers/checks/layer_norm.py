@@ -49,12 +49,17 @@ def _fused_check(device, dtype, invertible) -> Check:
     t = _inputs(device, dtype)
 
     def run(backend):
-        return _run(lambda *a: bias_dropout_residual_layer_norm(*a, eps=1e-5, invertible=invertible,
-                                                                return_residual_out=True, backend=backend), t)  # fmt: skip
+        return _run(
+            lambda *a: bias_dropout_residual_layer_norm(
+                *a, eps=1e-5, invertible=invertible, return_residual_out=True, backend=backend
+            ),
+            t,
+        )
 
     def reference():
-        return _run(lambda *a: bias_dropout_residual_layer_norm_ref(*a, eps=1e-5, return_residual_out=True), t,
-                    torch.float64)  # fmt: skip
+        return _run(
+            lambda *a: bias_dropout_residual_layer_norm_ref(*a, eps=1e-5, return_residual_out=True), t, torch.float64
+        )
 
     atol, rtol = TOLS[dtype]
     name = f"fused {'invertible' if invertible else 'saved-input'} {dtype_name(dtype)}"
@@ -69,14 +74,27 @@ def _dropout_check(device, dtype, invertible) -> Check:
         masks = []
 
         def ours(*a):
-            y, pre, mask = bias_dropout_residual_layer_norm(*a, eps=1e-5, dropout_p=P, seed=SEED, invertible=invertible,
-                                                            return_residual_out=True, return_mask=True, backend=backend)  # fmt: skip
+            y, pre, mask = bias_dropout_residual_layer_norm(
+                *a,
+                eps=1e-5,
+                dropout_p=P,
+                seed=SEED,
+                invertible=invertible,
+                return_residual_out=True,
+                return_mask=True,
+                backend=backend,
+            )
             masks.append(mask)
             return y, pre
 
         out = _run(ours, t)
-        ref = _run(lambda *a: bias_dropout_residual_layer_norm_ref(*a, eps=1e-5, dropout_p=P, keep_mask=masks[0],
-                                                                   return_residual_out=True), t, torch.float64)  # fmt: skip
+        ref = _run(
+            lambda *a: bias_dropout_residual_layer_norm_ref(
+                *a, eps=1e-5, dropout_p=P, keep_mask=masks[0], return_residual_out=True
+            ),
+            t,
+            torch.float64,
+        )
         kept = masks[0].float().mean().item()
         if abs(kept - (1 - P)) > 0.02:
             raise AssertionError(f"kept fraction {kept:.4f}, expected {1 - P} ± 0.02")
@@ -84,8 +102,10 @@ def _dropout_check(device, dtype, invertible) -> Check:
 
     def reference():
         shapes = {"y": (ROWS, N), "pre": (ROWS, N), "dx": (ROWS, N), "dresidual": (ROWS, N)}
-        return {k: torch.zeros(shapes.get(k, (N,)), dtype=torch.float64, device=device) for k in ("y", "pre")
-                + tuple(f"d{k}" for k in NAMES)}  # fmt: skip
+        return {
+            k: torch.zeros(shapes.get(k, (N,)), dtype=torch.float64, device=device)
+            for k in ("y", "pre") + tuple(f"d{k}" for k in NAMES)
+        }
 
     name = f"fused dropout p={P} {'invertible' if invertible else 'saved-input'} {dtype_name(dtype)} (err/tol)"
     return Check(name, run, reference, dtype, 1.0, 0.0)

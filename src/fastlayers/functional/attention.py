@@ -77,8 +77,15 @@ def _reference_impl(q, k, v, *, attn_bias, softmax_scale, dropout_p, seed, offse
         b, s_q, h, _ = q.shape
         keep = keep_mask((b, h, s_q, k.shape[1]), dropout_p, seed, q.device, offset)
     return attention_ref(
-        q, k, v, attn_bias=attn_bias, softmax_scale=softmax_scale, dropout_p=dropout_p, keep_mask=keep,
-        causal=causal, upcast=q.dtype in (torch.float16, torch.bfloat16),
+        q,
+        k,
+        v,
+        attn_bias=attn_bias,
+        softmax_scale=softmax_scale,
+        dropout_p=dropout_p,
+        keep_mask=keep,
+        causal=causal,
+        upcast=q.dtype in (torch.float16, torch.bfloat16),
     )
 
 
@@ -101,6 +108,8 @@ def _triton_reasons(q=None, k=None, attn_bias=None, **_) -> list[str]:
     reasons = []
     if q is not None and q.shape[-1] > TRITON_MAX_HEAD_DIM:
         reasons.append(f"head dim D={q.shape[-1]} > {TRITON_MAX_HEAD_DIM}")
+    if q is not None and q.device.type == "cuda" and q.dtype == torch.float32:
+        reasons.append("fp32 on CUDA: the Triton attention kernels are built for fp16/bf16 (torch backend runs fp32)")
     if q is not None and q.shape[-1] < 16:
         reasons.append(f"head dim D={q.shape[-1]} < 16 (tl.dot needs K >= 16)")
     if attn_bias is not None and torch.is_grad_enabled() and attn_bias.requires_grad:
@@ -186,7 +195,7 @@ def attention(
     Equivalent PyTorch: `fastlayers.reference.attention.attention_ref` with the backend's keep mask.
 
     Backends: reference (any), torch (any device/dtype; uses F.scaled_dot_product_attention when dropout_p == 0 and
-    no grad is needed; gives attn_bias a gradient when it requires one), triton (CUDA fp16/bf16/fp32 or the CPU
+    no grad is needed; gives attn_bias a gradient when it requires one), triton (CUDA fp16/bf16 or the CPU
     interpreter fp16/fp32; 16 <= D <= 128; attn_bias without grad). Keep masks differ between torch (same bits as
     reference) and triton (`tl.rand`).
     """
@@ -197,12 +206,18 @@ def attention(
     if dropout_p > 0.0 and seed is None:
         seed = new_seed()
     seed = 0 if seed is None else int(seed)
-    impl = backends.select(
-        "attention", backend, q=q, k=k, v=v, attn_bias=attn_bias, dropout_p=dropout_p, causal=causal
-    )
+    impl = backends.select("attention", backend, q=q, k=k, v=v, attn_bias=attn_bias, dropout_p=dropout_p, causal=causal)
     return impl.resolve()(
-        q, k, v, attn_bias=attn_bias, softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed, offset=offset,
-        causal=causal, dropout_checkpoint=dropout_checkpoint,
+        q,
+        k,
+        v,
+        attn_bias=attn_bias,
+        softmax_scale=softmax_scale,
+        dropout_p=dropout_p,
+        seed=seed,
+        offset=offset,
+        causal=causal,
+        dropout_checkpoint=dropout_checkpoint,
     )
 
 

@@ -74,10 +74,57 @@ def _triton_reasons(q=None, block=None, **inputs) -> list[str]:
     return reasons
 
 
-def _torch_impl(q, k, v, layout, **kw) -> torch.Tensor:
-    from fastlayers.kernels.torch.block_sparse import block_sparse_attention_fwd
+class BlockSparseAttentionTorchFunction(torch.autograd.Function):
+    """CPU fast path: ATen's CPU flash kernels per row group, gradients written in place (masks, rpe constant)."""
 
-    return block_sparse_attention_fwd(q, k, v, layout, **kw)
+    @staticmethod
+    def forward(ctx, q, k, v, layout, block, scale, rpe, kpm, am):
+        from fastlayers.kernels.torch.block_sparse import block_sparse_attention_cpu_fwd, get_plan
+
+        plan = get_plan(layout, q.device)
+        out, lses = block_sparse_attention_cpu_fwd(q, k, v, plan, block, scale, rpe, kpm, am)
+        if any(t.requires_grad for t in (q, k, v)):
+            ctx.save_for_backward(q, k, v, out, rpe, kpm, am, *lses)
+            ctx.plan, ctx.block, ctx.scale = plan, block, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from fastlayers.kernels.torch.block_sparse import block_sparse_attention_cpu_bwd
+
+        q, k, v, out, rpe, kpm, am, *lses = ctx.saved_tensors
+        dq, dk, dv = block_sparse_attention_cpu_bwd(
+            dout.contiguous(), q, k, v, out, lses, ctx.plan, ctx.block, ctx.scale, rpe, kpm, am
+        )
+        return dq, dk, dv, None, None, None, None, None, None  # layout, block, scale, rpe, kpm, am
+
+
+def _torch_impl(
+    q, k, v, layout, *, block, softmax_scale, rpe, key_padding_mask, attn_mask, key_padding_mask_mode, attn_mask_mode
+) -> torch.Tensor:
+    from fastlayers.kernels.torch import block_sparse as kt
+
+    biases = (rpe, key_padding_mask, attn_mask)
+    bias_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in biases)
+    if q.device.type == "cpu" and not bias_grad and kt.flash_cpu_available():
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+        kpm = kt._additive(key_padding_mask, key_padding_mask_mode, q.dtype) if key_padding_mask is not None else None
+        am = kt._additive(attn_mask, attn_mask_mode, q.dtype) if attn_mask is not None else None
+        return BlockSparseAttentionTorchFunction.apply(q, k, v, layout, block, scale, rpe, kpm, am)
+    # Other devices, or a bias that needs its gradient: autograd through the composed ops (SDPA per group).
+    return kt.block_sparse_attention_fwd(
+        q,
+        k,
+        v,
+        layout,
+        block,
+        softmax_scale,
+        rpe,
+        key_padding_mask,
+        attn_mask,
+        key_padding_mask_mode,
+        attn_mask_mode,
+    )
 
 
 class BlockSparseAttentionTritonFunction(torch.autograd.Function):

@@ -22,7 +22,9 @@ class LayerNormTorchFunction(torch.autograd.Function):
     """(M, N) rows; saves pre + mean + rstd, or y + rstd when invertible, plus the bool keep mask."""
 
     @staticmethod
-    def forward(ctx, x, bias, residual, weight, ln_bias, eps, dropout_p, seed, offset, invertible, return_pre, return_mask):
+    def forward(
+        ctx, x, bias, residual, weight, ln_bias, eps, dropout_p, seed, offset, invertible, return_pre, return_mask
+    ):
         ctx.set_materialize_grads(False)
         m, n = x.shape
         keep = keep_mask((m, n), dropout_p, seed, x.device, offset) if dropout_p > 0.0 else None
@@ -47,10 +49,19 @@ class LayerNormTorchFunction(torch.autograd.Function):
         if dy is None:  # only `pre` was used downstream
             dy = torch.zeros_like(saved)
         dx, dbias, dres, dw, db = torch_ln.layer_norm_bwd(
-            dy, saved, weight, ln_bias, mean, rstd,
-            invertible=ctx.invertible, dpre_out=dpre_out, keep=keep, dropout_scale=ctx.scale,
-            has_bias=ctx.has_bias, need_weight_grads=ctx.needs_input_grad[3] or ctx.needs_input_grad[4],
-        )  # fmt: skip
+            dy,
+            saved,
+            weight,
+            ln_bias,
+            mean,
+            rstd,
+            invertible=ctx.invertible,
+            dpre_out=dpre_out,
+            keep=keep,
+            dropout_scale=ctx.scale,
+            has_bias=ctx.has_bias,
+            need_weight_grads=ctx.needs_input_grad[3] or ctx.needs_input_grad[4],
+        )
         dres = dres if ctx.has_residual else None
         return dx, dbias, dres, dw, db, None, None, None, None, None, None, None  # eps p seed offset inv pre mask
 
@@ -59,7 +70,9 @@ class LayerNormTritonFunction(torch.autograd.Function):
     """(M, N) rows; like the torch Function, but the keep mask is regenerated in backward from the seed."""
 
     @staticmethod
-    def forward(ctx, x, bias, residual, weight, ln_bias, eps, dropout_p, seed, offset, invertible, return_pre, return_mask):
+    def forward(
+        ctx, x, bias, residual, weight, ln_bias, eps, dropout_p, seed, offset, invertible, return_pre, return_mask
+    ):
         from fastlayers.kernels.triton import layer_norm as triton_ln
 
         ctx.set_materialize_grads(False)
@@ -91,24 +104,60 @@ class LayerNormTritonFunction(torch.autograd.Function):
         if dy is None:  # only `pre` was used downstream
             dy = torch.zeros_like(saved)
         dx, dbias, dres, dw, db = triton_ln.layer_norm_bwd(
-            dy, saved, weight, ln_bias, mean, rstd,
-            invertible=ctx.invertible, dpre_out=dpre_out, has_bias=ctx.has_bias, has_residual=ctx.has_residual,
-            dropout_p=ctx.dropout_p, seed=ctx.key,
-        )  # fmt: skip
+            dy,
+            saved,
+            weight,
+            ln_bias,
+            mean,
+            rstd,
+            invertible=ctx.invertible,
+            dpre_out=dpre_out,
+            has_bias=ctx.has_bias,
+            has_residual=ctx.has_residual,
+            dropout_p=ctx.dropout_p,
+            seed=ctx.key,
+        )
         dres = dres if ctx.has_residual else None
         return dx, dbias, dres, dw, db, None, None, None, None, None, None, None  # eps p seed offset inv pre mask
 
 
-def _apply(fn, x, bias, residual, weight, ln_bias, *, eps, dropout_p, seed, offset, training, invertible,
-           return_residual_out, return_mask):  # fmt: skip
+def _apply(
+    fn,
+    x,
+    bias,
+    residual,
+    weight,
+    ln_bias,
+    *,
+    eps,
+    dropout_p,
+    seed,
+    offset,
+    training,
+    invertible,
+    return_residual_out,
+    return_mask,
+):
     shape, n = x.shape, x.shape[-1]
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = new_seed()
     x2 = x.reshape(-1, n)  # (M, N), M = prod(leading dims)
     r2 = residual.reshape(-1, n) if residual is not None else None
-    y, pre, mask = fn.apply(x2, bias, r2, weight, ln_bias, float(eps), p, int(seed or 0), int(offset), bool(invertible),
-                            bool(return_residual_out), bool(return_mask))  # fmt: skip
+    y, pre, mask = fn.apply(
+        x2,
+        bias,
+        r2,
+        weight,
+        ln_bias,
+        float(eps),
+        p,
+        int(seed or 0),
+        int(offset),
+        bool(invertible),
+        bool(return_residual_out),
+        bool(return_mask),
+    )
     out = [y.view(shape)]
     if return_residual_out:
         out.append(pre.view(shape))
@@ -126,13 +175,39 @@ def _triton_impl(x, bias, residual, weight, ln_bias, **kw):
 
 
 def _layer_norm_torch_impl(x, weight, bias, *, eps, invertible):
-    return _torch_impl(x, None, None, weight, bias, eps=eps, dropout_p=0.0, seed=None, offset=0, training=False,
-                       invertible=invertible, return_residual_out=False, return_mask=False)  # fmt: skip
+    return _torch_impl(
+        x,
+        None,
+        None,
+        weight,
+        bias,
+        eps=eps,
+        dropout_p=0.0,
+        seed=None,
+        offset=0,
+        training=False,
+        invertible=invertible,
+        return_residual_out=False,
+        return_mask=False,
+    )
 
 
 def _layer_norm_triton_impl(x, weight, bias, *, eps, invertible):
-    return _triton_impl(x, None, None, weight, bias, eps=eps, dropout_p=0.0, seed=None, offset=0, training=False,
-                        invertible=invertible, return_residual_out=False, return_mask=False)  # fmt: skip
+    return _triton_impl(
+        x,
+        None,
+        None,
+        weight,
+        bias,
+        eps=eps,
+        dropout_p=0.0,
+        seed=None,
+        offset=0,
+        training=False,
+        invertible=invertible,
+        return_residual_out=False,
+        return_mask=False,
+    )
 
 
 TRITON_MAX_N = 4096  # = kernels.triton.layer_norm.MAX_N (not imported here: that module imports triton)
@@ -146,12 +221,26 @@ def _triton_reasons(x=None, **_) -> list[str]:
 
 backends.register(Impl(OP, "reference", "fastlayers.reference.norm:bias_dropout_residual_layer_norm_ref"))
 backends.register(Impl(OP, "torch", "fastlayers.functional.layer_norm:_torch_impl"))
-backends.register(Impl(OP, "triton", "fastlayers.functional.layer_norm:_triton_impl", devices=frozenset({"cuda"}),
-                       check=_triton_reasons))  # fmt: skip
+backends.register(
+    Impl(
+        OP,
+        "triton",
+        "fastlayers.functional.layer_norm:_triton_impl",
+        devices=frozenset({"cuda"}),
+        check=_triton_reasons,
+    )
+)
 backends.register(Impl(LN_OP, "reference", "fastlayers.reference.norm:layer_norm_ref"))
 backends.register(Impl(LN_OP, "torch", "fastlayers.functional.layer_norm:_layer_norm_torch_impl"))
-backends.register(Impl(LN_OP, "triton", "fastlayers.functional.layer_norm:_layer_norm_triton_impl",
-                       devices=frozenset({"cuda"}), check=_triton_reasons))  # fmt: skip
+backends.register(
+    Impl(
+        LN_OP,
+        "triton",
+        "fastlayers.functional.layer_norm:_layer_norm_triton_impl",
+        devices=frozenset({"cuda"}),
+        check=_triton_reasons,
+    )
+)
 
 
 def _check_scalars(eps, dropout_p=0.0, seed=None, offset=0) -> None:
@@ -240,13 +329,32 @@ def bias_dropout_residual_layer_norm(
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = new_seed()
-    impl = backends.select(OP, backend, x=x, bias=bias, residual=residual, weight=weight, ln_bias=ln_bias,
-                           dropout_p=p, invertible=invertible)  # fmt: skip
+    impl = backends.select(
+        OP,
+        backend,
+        x=x,
+        bias=bias,
+        residual=residual,
+        weight=weight,
+        ln_bias=ln_bias,
+        dropout_p=p,
+        invertible=invertible,
+    )
     return impl.resolve()(
-        x, bias, residual, weight, ln_bias,
-        eps=eps, dropout_p=p, seed=seed, offset=offset, training=training, invertible=invertible,
-        return_residual_out=return_residual_out, return_mask=return_mask,
-    )  # fmt: skip
+        x,
+        bias,
+        residual,
+        weight,
+        ln_bias,
+        eps=eps,
+        dropout_p=p,
+        seed=seed,
+        offset=offset,
+        training=training,
+        invertible=invertible,
+        return_residual_out=return_residual_out,
+        return_mask=return_mask,
+    )
 
 
 def layer_norm(

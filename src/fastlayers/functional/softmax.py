@@ -16,7 +16,7 @@ from fastlayers.kernels.torch import softmax as torch_softmax
 from fastlayers.reference.softmax import masked_softmax_ref
 from fastlayers.utils import FLOAT_DTYPES, check_tensor, keep_mask, new_seed
 
-TRITON_MAX_S_K = 16384  # = kernels.triton.softmax.MAX_S_K (not imported: triton loads only when launched)
+TRITON_MAX_S_K = 4096  # = kernels.triton.softmax.MAX_S_K (not imported: triton loads only when launched)
 
 
 def check_additive_mask(name: str, mask: torch.Tensor, target: tuple[int, ...], like: torch.Tensor) -> None:
@@ -43,7 +43,7 @@ class MaskedSoftmaxTorchFunction(torch.autograd.Function):
     def forward(ctx, scores, mask, scale, dropout_p, seed, offset, checkpoint):
         keep_needed = dropout_p > 0.0 and not checkpoint
         p, out, keep = torch_softmax.masked_softmax_fwd(scores, mask, scale, dropout_p, seed, offset, keep_needed)
-        ctx.scale, ctx.dropout_p, ctx.seed, ctx.offset = scale, dropout_p, seed, offset
+        ctx.scale, ctx.dropout_p = scale, dropout_p
         ctx.mask_shape = None if mask is None else mask.shape
         ctx.mask_dtype = None if mask is None else mask.dtype
         if scores.requires_grad or (mask is not None and mask.requires_grad):
@@ -54,9 +54,7 @@ class MaskedSoftmaxTorchFunction(torch.autograd.Function):
     def backward(ctx, grad):
         p, keep = ctx.saved_tensors
         need_mask_grad = ctx.mask_shape is not None and ctx.needs_input_grad[1]
-        dscores, dx = torch_softmax.masked_softmax_bwd(
-            grad, p, ctx.scale, ctx.dropout_p, ctx.seed, ctx.offset, keep, need_mask_grad
-        )
+        dscores, dx = torch_softmax.masked_softmax_bwd(grad, p, ctx.scale, ctx.dropout_p, keep, need_mask_grad)
         dmask = dx.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype) if need_mask_grad else None
         return dscores, dmask, None, None, None, None, None  # scale, dropout_p, seed, offset, checkpoint
 
@@ -145,8 +143,9 @@ def masked_softmax(
         seed: dropout seed; None draws one from torch's global RNG (`torch.manual_seed` reproduces).
         offset: distinguishes several dropouts that share a seed.
         training: False (or dropout_p == 0) disables dropout and draws no random number.
-        checkpoint: True (DeepSpeed attn_dropout_checkpoint) saves only the softmax output and regenerates the
-            keep mask in backward; False also saves the mask. Results are identical.
+        checkpoint: True (DeepSpeed attn_dropout_checkpoint) saves only the softmax output P; the torch backend
+            keeps the mask in P's sign bit (P >= 0: no extra bytes, no RNG re-run), the triton backend regenerates
+            it with tl.rand. False also saves the bool mask. Results are identical.
         backend: "reference" | "torch" | "triton" | None (automatic, see `fastlayers.backends`).
 
     Returns:
@@ -155,7 +154,7 @@ def masked_softmax(
     Equivalent PyTorch: `fastlayers.reference.softmax.masked_softmax_ref` with the backend's keep mask.
 
     Backends: reference (any device/dtype), torch (any device/dtype), triton (CUDA fp16/bf16/fp32, or CPU
-    interpreter fp16/fp32; S_k <= 16384; no mask gradient). The keep masks of torch/reference (same bits) and
+    interpreter fp16/fp32; S_k <= 4096; no mask gradient). The keep masks of torch/reference (same bits) and
     triton (`tl.rand`) differ.
     """
     check_tensor("scores", scores, ndim=4, dtypes=FLOAT_DTYPES)

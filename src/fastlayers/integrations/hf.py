@@ -95,7 +95,7 @@ def ds_state_dict_to_bert_layer(state_dict: dict[str, torch.Tensor], prefix: str
     qkvw = state_dict[prefix + "attn_qkvw"]
     qkvb = state_dict[prefix + "attn_qkvb"]
     out = {}
-    for i, (w, b) in enumerate(zip(qkvw.chunk(3, dim=0), qkvb.chunk(3, dim=0))):
+    for i, (w, b) in enumerate(zip(qkvw.chunk(3, dim=0), qkvb.chunk(3, dim=0), strict=True)):
         out[f"{prefix}attention.self.{_QKV[i]}.weight"] = w
         out[f"{prefix}attention.self.{_QKV[i]}.bias"] = b
     out.update({prefix + hf: state_dict[prefix + ds] for hf, ds in _RENAMES.items()})
@@ -113,19 +113,28 @@ def convert_model_state_dict(state_dict: dict[str, torch.Tensor], to: str) -> di
     for p in prefixes:
         layer = {k: v for k, v in state_dict.items() if k.startswith(p)}
         converted = bert_layer_state_dict_to_ds(layer, p) if to == "ds" else ds_state_dict_to_bert_layer(layer, p)
-        consumed = ([f"{p}attention.self.{n}.{t}" for n in _QKV for t in ("weight", "bias")]
-                    + [p + k for k in _RENAMES]) if to == "ds" else [p + k for k in ("attn_qkvw", "attn_qkvb",
-                                                                                 *_RENAMES.values())]
+        consumed = (
+            ([f"{p}attention.self.{n}.{t}" for n in _QKV for t in ("weight", "bias")] + [p + k for k in _RENAMES])
+            if to == "ds"
+            else [p + k for k in ("attn_qkvw", "attn_qkvb", *_RENAMES.values())]
+        )
         for k in consumed:
             out.pop(k, None)
         out.update({(p + k if to == "ds" else k): v for k, v in converted.items()})
     return out
 
 
-def transformer_layer_from_bert(hf_layer: nn.Module, hf_config: Any = None, *, backend: str | None = None,
-                                **overrides: Any) -> TransformerLayer:
+def transformer_layer_from_bert(
+    hf_layer: nn.Module, hf_config: Any = None, *, backend: str | None = None, **overrides: Any
+) -> TransformerLayer:
     """A `TransformerLayer` with the weights, device, dtype and train/eval mode of one HF `BertLayer`."""
     cfg = hf_config if hf_config is not None else hf_layer.attention.self.config
+    if getattr(hf_layer, "gradient_checkpointing", False):
+        raise ValueError(
+            "this BERT layer has HF gradient checkpointing enabled, which TransformerLayer does not do; "
+            "call model.gradient_checkpointing_disable() first and use the memory flags instead "
+            "(normalize_invertible, gelu_checkpoint, attn_dropout_checkpoint)"
+        )
     if getattr(hf_layer, "add_cross_attention", False) or hasattr(hf_layer, "crossattention"):
         raise ValueError("BERT layers with cross-attention are not supported")
     ref = hf_layer.attention.self.query.weight
@@ -176,8 +185,11 @@ def _install_hidden_state_capture(model: nn.Module, layers: list[TransformerLaye
     try:
         from transformers.utils.output_capturing import install_output_capuring_hook
     except ImportError:
-        warnings.warn("patch_bert: this transformers version has no output-capturing hooks API; "
-                      "output_hidden_states will not include the patched layers", stacklevel=3)
+        warnings.warn(
+            "patch_bert: this transformers version has no output-capturing hooks API; "
+            "output_hidden_states will not include the patched layers",
+            stacklevel=3,
+        )
         return
     for layer in layers:
         install_output_capuring_hook(layer, "hidden_states", 0)

@@ -190,7 +190,7 @@ def _squeeze_key_padding_mask(mask: torch.Tensor, B: int, S: int) -> torch.Tenso
     squeezed = mask.reshape(mask.shape[0], -1) if mask.dim() > 1 else mask
     if mask.dim() < 2 or any(d != 1 for d in mask.shape[1:-1]) or tuple(squeezed.shape) not in ((B, S), (1, S)):
         raise ValueError(f"key_padding_mask must be (B, S) or (B, 1, 1, S) with B={B}, S={S}, got {tuple(mask.shape)}")
-    return squeezed.expand(B, S)
+    return squeezed.expand(B, S).contiguous()
 
 
 def _squeeze_attn_mask(mask: torch.Tensor, S: int) -> torch.Tensor:

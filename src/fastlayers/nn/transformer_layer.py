@@ -22,6 +22,9 @@ from fastlayers.utils import dtype_name, keep_mask, new_seed
 
 # Dropout sites of one forward: one seed per forward, one offset per site (DEVELOPING.md, randomness contract).
 ATTN_PROBS_OFFSET, ATTN_OUT_OFFSET, FFN_OUT_OFFSET = 0, 1, 2
+# How many layers were built per config.seed: layers sharing one config (DeepSpeed's usual set-up) get distinct
+# reproducible dropout streams instead of identical masks in every layer.
+_SEED_USES: dict[int, int] = {}
 # HF / DeepSpeed forward arguments we accept only when they are empty (None / False): they would need
 # cross-attention, head masks, a KV cache or attention-probability outputs, which this layer does not have.
 _UNSUPPORTED_KWARGS = ("head_mask", "layer_head_mask", "encoder_hidden_states", "encoder_attention_mask",
@@ -48,19 +51,24 @@ class TransformerLayer(nn.Module):
     recomputed in backward), `attn_dropout_checkpoint` (the attention dropout mask is regenerated from the seed,
     neither it nor the dropped probabilities are saved).
 
-    Randomness: each training forward with dropout draws one seed, from a layer-owned `torch.Generator` seeded
-    with `config.seed` when `seed >= 0`, else from torch's global RNG; the three dropout sites use offsets 0, 1, 2.
-    Results are bit-reproducible for a given seed on a given backend and device. `config.stochastic_mode` lets the
-    layer trade that for speed: the FFN-output dropout of pre-LN mode then uses torch's native dropout (global
-    RNG, fused mask generation) instead of the seeded mask.
+    Randomness: each training forward with dropout draws one seed, from a layer-owned `torch.Generator`
+    (`self.generator`) when `config.seed >= 0`, else from torch's global RNG (`torch.manual_seed` reproduces); the
+    three dropout sites use offsets 0, 1, 2. The k-th layer built with a given `config.seed` in a process
+    (`self.seed_index` = k) seeds its generator with `config.seed` for k = 0 and a distinct derived value after, so
+    a stack of layers sharing one config does not repeat one mask in every layer; the same construction order
+    gives the same streams. Results are bit-reproducible for a given seed on a given backend and device.
+    `config.stochastic_mode` lets the layer trade that for speed where it has the choice: the FFN-output dropout
+    of pre-LN mode (the one dropout not inside a fused op) then uses torch's native dropout (global RNG, ~30%
+    faster on CPU) instead of the seeded mask. The fused ops have no non-deterministic variant to select.
 
     Differences from DeepSpeed (on purpose): any S (no padding to a multiple of 16 with random rows); the mask may
     be DeepSpeed's additive (B, 1, 1, S), HF's 4-D additive or boolean mask, or a (B, S) keep-mask of 0/1, or None;
-    the config is never mutated and there is no global layer registry; `initial_biases[0:3]` (Q, K, V biases) are
-    used (DeepSpeed ignores them and zeroes `attn_qkvb`); `initial_weights`/`initial_biases` are copied, not
-    aliased; `adjust_init_range` does not depend on the rank; GELU is exact (erf) unless
-    `gelu_approximate="tanh"`; CPU, fp32, bf16 and autocast work; HF arguments that would change the result
-    (head masks, cross-attention, KV cache, `output_attentions=True`) raise instead of being ignored.
+    the config is never mutated and there is no global layer registry (only the per-seed construction count
+    above); `initial_biases[0:3]` (Q, K, V biases) are used (DeepSpeed ignores them and zeroes `attn_qkvb`);
+    `initial_weights`/`initial_biases` are copied, not aliased; `adjust_init_range` does not depend on the rank;
+    GELU is exact (erf) unless `gelu_approximate="tanh"`; CPU, fp32, bf16 and autocast work; eval mode with grad
+    enabled still supports backward; HF arguments that would change the result (head masks, cross-attention, KV
+    cache, `output_attentions=True`, DeepSpeed's `grads` test hook) raise instead of being ignored.
 
     Args:
         config: a `TransformerConfig` (or a dict of its fields, or DeepSpeed's config object).
@@ -102,7 +110,13 @@ class TransformerLayer(nn.Module):
         self.reset_parameters()
         if initial_weights is not None or initial_biases is not None:
             self.load_initial(initial_weights, initial_biases)
-        self.generator = torch.Generator().manual_seed(config.seed) if config.seed >= 0 else None
+        self.generator: torch.Generator | None = None
+        self.seed_index = 0  # this layer's index among the layers built with config.seed (>= 0) in this process
+        if config.seed >= 0:
+            self.seed_index = _SEED_USES.get(config.seed, 0)
+            _SEED_USES[config.seed] = self.seed_index + 1
+            stream = (config.seed + self.seed_index * 0x9E3779B97F4A7C15) % 2**63  # layer 0: config.seed itself
+            self.generator = torch.Generator().manual_seed(stream)
         self.train(config.training)
 
     # -- parameters ------------------------------------------------------------------------------------------
@@ -132,14 +146,17 @@ class TransformerLayer(nn.Module):
                      (self.attn_qkvb, slice(2 * H, 3 * H)), (self.attn_ob, None), (self.attn_nb, None),
                      (self.inter_b, None), (self.output_b, None), (self.norm_b, None)]  # fmt: skip
         with torch.no_grad():
-            for kind, tensors, targets in (("initial_weights", weights, w_targets), ("initial_biases", biases,
-                                                                                     b_targets)):
+            for kind, tensors, targets in (
+                ("initial_weights", weights, w_targets),
+                ("initial_biases", biases, b_targets),
+            ):
                 if tensors is None:
                     continue
                 if len(tensors) != 8:
-                    raise ValueError(f"{kind} must hold 8 tensors (Q, K, V, O, attn LN, inter, output, norm), "
-                                     f"got {len(tensors)}")
-                for i, (t, (p, rows)) in enumerate(zip(tensors, targets)):
+                    raise ValueError(
+                        f"{kind} must hold 8 tensors (Q, K, V, O, attn LN, inter, output, norm), got {len(tensors)}"
+                    )
+                for i, (t, (p, rows)) in enumerate(zip(tensors, targets, strict=True)):
                     dst = p if rows is None else p[rows]
                     if tuple(t.shape) != tuple(dst.shape):
                         raise ValueError(f"{kind}[{i}] must have shape {tuple(dst.shape)}, got {tuple(t.shape)}")
@@ -147,11 +164,13 @@ class TransformerLayer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"hidden={c.hidden_size}, heads={c.heads}, intermediate={c.intermediate_size}, "
-                f"{'pre' if c.pre_layer_norm else 'post'}-LN, dropout(attn={c.attn_dropout_ratio}, "
-                f"hidden={c.hidden_dropout_ratio}), gelu={c.gelu_approximate}, normalize_invertible="
-                f"{c.normalize_invertible}, gelu_checkpoint={c.gelu_checkpoint}, attn_dropout_checkpoint="
-                f"{c.attn_dropout_checkpoint}, backend={self.backend}")
+        return (
+            f"hidden={c.hidden_size}, heads={c.heads}, intermediate={c.intermediate_size}, "
+            f"{'pre' if c.pre_layer_norm else 'post'}-LN, dropout(attn={c.attn_dropout_ratio}, "
+            f"hidden={c.hidden_dropout_ratio}), gelu={c.gelu_approximate}, normalize_invertible="
+            f"{c.normalize_invertible}, gelu_checkpoint={c.gelu_checkpoint}, attn_dropout_checkpoint="
+            f"{c.attn_dropout_checkpoint}, backend={self.backend}"
+        )
 
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
@@ -193,22 +212,42 @@ class TransformerLayer(nn.Module):
         t = layer_norm(x, P["norm_w"], P["norm_b"], **ln_kw) if c.pre_layer_norm else x  # (B, S, H)
         qkv = linear(t, P["attn_qkvw"], P["attn_qkvb"])  # (B, S, 3H)
         q, k, v = qkv.view(B, S, 3, c.heads, c.head_dim).unbind(2)  # each (B, S, h, d), views of qkv
-        ctx = attention(q, k, v, attn_bias=mask, dropout_p=p_attn, seed=seed, offset=ATTN_PROBS_OFFSET,
-                        dropout_checkpoint=c.attn_dropout_checkpoint, backend=self.backend)  # (B, S, h, d)
+        ctx = attention(
+            q,
+            k,
+            v,
+            attn_bias=mask,
+            dropout_p=p_attn,
+            seed=seed,
+            offset=ATTN_PROBS_OFFSET,
+            dropout_checkpoint=c.attn_dropout_checkpoint,
+            backend=self.backend,
+        )  # (B, S, h, d)
         a = linear(ctx.reshape(B, S, H), P["attn_ow"], P["attn_ob"])  # (B, S, H)
         if c.pre_layer_norm:
             # h = x + drop(a) is the last residual; LN(h) feeds the FFN
-            h_ln, h = bias_dropout_residual_layer_norm(a, None, x, P["attn_nw"], P["attn_nb"], **ln_kw, **drop_kw,
-                                                       offset=ATTN_OUT_OFFSET, return_residual_out=True)
+            h_ln, h = bias_dropout_residual_layer_norm(
+                a,
+                None,
+                x,
+                P["attn_nw"],
+                P["attn_nb"],
+                **ln_kw,
+                **drop_kw,
+                offset=ATTN_OUT_OFFSET,
+                return_residual_out=True,
+            )
             ff1 = linear(h_ln, P["inter_w"], P["inter_b"])  # (B, S, I), GELU input
             o = bias_gelu_linear(ff1, None, P["output_w"], P["output_b"], **gelu_kw)  # (B, S, H)
             return h + self._ffn_dropout(o, p_hid, seed)  # (B, S, H)
-        h = bias_dropout_residual_layer_norm(a, None, x, P["attn_nw"], P["attn_nb"], **ln_kw, **drop_kw,
-                                             offset=ATTN_OUT_OFFSET)  # (B, S, H) = LN(x + drop(a))
+        h = bias_dropout_residual_layer_norm(
+            a, None, x, P["attn_nw"], P["attn_nb"], **ln_kw, **drop_kw, offset=ATTN_OUT_OFFSET
+        )  # (B, S, H) = LN(x + drop(a))
         ff1 = linear(h, P["inter_w"], P["inter_b"])  # (B, S, I), GELU input
         o = bias_gelu_linear(ff1, None, P["output_w"], P["output_b"], **gelu_kw)  # (B, S, H)
-        return bias_dropout_residual_layer_norm(o, None, h, P["norm_w"], P["norm_b"], **ln_kw, **drop_kw,
-                                                offset=FFN_OUT_OFFSET)  # (B, S, H) = LN(h + drop(o))
+        return bias_dropout_residual_layer_norm(
+            o, None, h, P["norm_w"], P["norm_b"], **ln_kw, **drop_kw, offset=FFN_OUT_OFFSET
+        )  # (B, S, H) = LN(h + drop(o))
 
     def _ffn_dropout(self, o: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
         """Pre-LN's last dropout (no LayerNorm follows, so no fused op): the seeded bool mask (1 byte per element
@@ -240,14 +279,17 @@ class TransformerLayer(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
         if x.dtype != w.dtype:
-            raise TypeError(f"hidden_states dtype {dtype_name(x.dtype)} does not match the layer's parameters "
-                            f"({dtype_name(w.dtype)}); convert one of them (layer.to(dtype)) or run under "
-                            f"torch.autocast")
+            raise TypeError(
+                f"hidden_states dtype {dtype_name(x.dtype)} does not match the layer's parameters "
+                f"({dtype_name(w.dtype)}); convert one of them (layer.to(dtype)) or run under "
+                f"torch.autocast"
+            )
         return x.dtype
 
 
-def attention_bias(mask: torch.Tensor | None, B: int, S: int, dtype: torch.dtype,
-                   device: torch.device) -> torch.Tensor | None:
+def attention_bias(
+    mask: torch.Tensor | None, B: int, S: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
     """Any supported attention mask -> an additive bias broadcastable to (B, h, S, S) in `dtype` (or None).
 
     Accepted: None; a (B, S) keep-mask (bool, or ints/floats that are all 0 or 1; 1 = attend); a 4-D boolean
@@ -266,18 +308,24 @@ def attention_bias(mask: torch.Tensor | None, B: int, S: int, dtype: torch.dtype
             raise ValueError(f"a 2-D attention_mask is a (B, S) = ({B}, {S}) keep-mask, got {tuple(mask.shape)}")
         if mask.dtype != torch.bool:
             if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError("a 2-D attention_mask is a keep-mask and must hold only 0 and 1 (1 = attend); "
-                                 "pass an additive mask as (B, 1, 1, S)")
+                raise ValueError(
+                    "a 2-D attention_mask is a keep-mask and must hold only 0 and 1 (1 = attend); "
+                    "pass an additive mask as (B, 1, 1, S)"
+                )
             mask = mask != 0
         mask = mask.view(B, 1, 1, S)
     elif mask.dim() == 4:
         b, _, sq, sk = mask.shape
         if b not in (1, B) or sq not in (1, S) or sk != S:
-            raise ValueError(f"a 4-D attention_mask must have shape (B|1, 1|heads, 1|S, S) with B={B}, S={S}, "
-                             f"got {tuple(mask.shape)}")
+            raise ValueError(
+                f"a 4-D attention_mask must have shape (B|1, 1|heads, 1|S, S) with B={B}, S={S}, "
+                f"got {tuple(mask.shape)}"
+            )
         if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"a 4-D attention_mask must be additive (float) or boolean (True = attend), got "
-                            f"{dtype_name(mask.dtype)}")
+            raise TypeError(
+                f"a 4-D attention_mask must be additive (float) or boolean (True = attend), got "
+                f"{dtype_name(mask.dtype)}"
+            )
     else:
         raise ValueError(f"attention_mask must be (B, S) or 4-D (B, 1, 1|S, S), got shape {tuple(mask.shape)}")
     if mask.dtype == torch.bool:
@@ -290,12 +338,15 @@ def _check_extra_args(args: tuple, kwargs: dict) -> None:
         if a is not None and a is not False:
             raise NotImplementedError(
                 f"TransformerLayer.forward got a {type(a).__name__} as positional argument {i + 3}; only "
-                f"(hidden_states, attention_mask) are used (no head mask, cross-attention or KV cache)")
+                f"(hidden_states, attention_mask) are used (no head mask, cross-attention or KV cache)"
+            )
     for name in _UNSUPPORTED_KWARGS:
         v = kwargs.get(name)
         if v is not None and v is not False:
-            raise NotImplementedError(f"TransformerLayer.forward does not support {name}={type(v).__name__} "
-                                      f"(no head mask, cross-attention, KV cache or attention outputs)")
+            raise NotImplementedError(
+                f"TransformerLayer.forward does not support {name}={type(v).__name__} "
+                f"(no head mask, cross-attention, KV cache or attention outputs)"
+            )
 
 
 def _as_config(config) -> TransformerConfig:

@@ -45,8 +45,15 @@ def _dropout(t: torch.Tensor, p: float, keep: torch.Tensor | None, site: str) ->
     return t * keep.to(t.dtype) / (1.0 - p)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, *,
-                  dropout_p: float = 0.0, keep: torch.Tensor | None = None) -> torch.Tensor:
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    dropout_p: float = 0.0,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(d) + bias) (dropped) @ v; rows whose every score is -inf give zeros.
 
     Args:
@@ -135,9 +142,15 @@ def transformer_layer_ref(
         out = h + _dropout(o + P["output_b"], hidden_dropout_p, keep_masks.get("ffn_out"), "ffn_out")
     else:
         a = attention_block(x)
-        h = ln(x + _dropout(a + P["attn_ob"], hidden_dropout_p, keep_masks.get("attn_out"), "attn_out"),
-               P["attn_nw"], P["attn_nb"])
+        h = ln(
+            x + _dropout(a + P["attn_ob"], hidden_dropout_p, keep_masks.get("attn_out"), "attn_out"),
+            P["attn_nw"],
+            P["attn_nb"],
+        )
         o = ffn(h)
-        out = ln(h + _dropout(o + P["output_b"], hidden_dropout_p, keep_masks.get("ffn_out"), "ffn_out"),
-                 P["norm_w"], P["norm_b"])
+        out = ln(
+            h + _dropout(o + P["output_b"], hidden_dropout_p, keep_masks.get("ffn_out"), "ffn_out"),
+            P["norm_w"],
+            P["norm_b"],
+        )
     return out.to(dtype)

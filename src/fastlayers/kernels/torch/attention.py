@@ -143,7 +143,7 @@ def attention_bwd(
         c = 1.0 / (1.0 - dropout_p)
         keep3 = keep.view(b * h, s_q, s_k)
         dv3 = _scaled_bmm(torch.where(keep3, p, 0.0).transpose(1, 2), do3, c)  # P_d = P ⊙ keep
-        dp = torch.bmm(do3, v3.transpose(1, 2)).mul_(keep3)  # dL/dP_d ⊙ keep, without the 1/(1-p)
+        dp = torch.where(keep3, torch.bmm(do3, v3.transpose(1, 2)), 0.0)  # dL/dP_d ⊙ keep, without the 1/(1-p)
     else:  # sign-encoded p (see attention_fwd): -P where kept; entries with P = 0 do not matter either way
         c = 1.0 / (1.0 - dropout_p)
         neg_pd = p.clamp_max(0.0)  # -P_d
@@ -181,7 +181,11 @@ def sdpa_inference(
     else:
         bias, is_causal = combined_bias(attn_bias, causal, s_q, s_k, q.dtype, q.device), False
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, is_causal=is_causal,
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=bias,
+        is_causal=is_causal,
         scale=softmax_scale,
     )  # (B, H, S_q, D)
     return out.transpose(1, 2)

@@ -1,10 +1,11 @@
 """Block-sparse attention in plain PyTorch: only the kept blocks are computed; memory is linear in their number.
 
 Design (measured on CPU, docs/cpu-baselines.md §2): the query blocks (rows of the layout, over all heads) are
-grouped by how many key blocks they keep. For each group, the query blocks and their key/value blocks are
-gathered with one `index_select` each, and one `F.scaled_dot_product_attention` call runs with the
-(row × batch) pairs folded into SDPA's batch dims: queries (B, n_rows, block, D) against keys
-(B, n_rows, C·block, D), where C is the group's (padded) block count. Padding slots, masks and rpe enter as a
+grouped by how many key blocks they keep; rows of one head that keep exactly the same key blocks (the rows of a
+Fixed window, say) are merged first into one entry of m query blocks. For each group, the query blocks and their
+key/value blocks are gathered with one `index_select` each, and one `F.scaled_dot_product_attention` call runs
+with the (entry × batch) pairs folded into SDPA's batch dims: queries (B, n, m·block, D) against keys
+(B, n, C·block, D), where C is the group's (padded) block count. Padding slots, masks and rpe enter as a
 small per-group mask of shape (·, n_rows, block|1, C·block). Rows of very different lengths (BigBird's global
 rows attend everything) fall into different groups, so nothing of size S×S is built. Rows that keep no block
 give zeros. Everything is composed of differentiable ops, so autograd gives the backward (SDPA's own backward
@@ -26,15 +27,17 @@ _CACHE_SIZE = 16
 
 @dataclass
 class RowGroup:
-    """Query-block rows that share one SDPA call."""
+    """Sets of query blocks that share one SDPA call. One entry ("super-row") holds the m query blocks of a head
+    whose kept key blocks are identical (e.g. the rows of one Fixed window), so SDPA sees m·block queries."""
 
-    rows: torch.Tensor  # (n,) int64 flat row ids h·nb + i
+    rows: torch.Tensor  # (n·m,) int64 flat query-block ids h·nb + i, entry-major
     heads: torch.Tensor  # (n,) int64 h
-    qblocks: torch.Tensor  # (n,) int64 i
+    qblocks: torch.Tensor  # (n, m) int64 i
     kvblocks: torch.Tensor  # (n, C) int64 key-block ids j (padding slots repeat a kept id)
     kv_flat: torch.Tensor  # (n·C,) int64 flat ids h·nb + j
     valid: torch.Tensor | None  # (n, C) bool, None when every slot is a kept block
     width: int  # C
+    m: int  # query blocks per entry
 
 
 @dataclass
@@ -45,9 +48,9 @@ class BlockSparsePlan:
     num_blocks: int
     groups: list[RowGroup]
     num_empty: int  # rows with no kept block (they give zeros)
+    empty_rows: torch.Tensor  # (num_empty,) their flat ids h·nb + i
     inv_perm: torch.Tensor  # (H·nb,) position of row h·nb+i in the concatenation [groups..., empty rows]
     num_kept: int  # kept blocks
-    max_width: int
 
 
 def _group_counts(counts: list[int]) -> list[tuple[int, int]]:
@@ -62,36 +65,57 @@ def _group_counts(counts: list[int]) -> list[tuple[int, int]]:
 
 
 def build_plan(layout: torch.Tensor, device: torch.device) -> BlockSparsePlan:
-    """Group the rows of a (H, nb, nb) layout by their number of kept blocks (see the module docstring)."""
+    """Merge identical rows of each head into super-rows, then group super-rows by (rows merged, kept count)."""
     keep = layout.detach().to("cpu") != 0  # (H, nb, nb)
     H, nb, _ = keep.shape
-    flat = keep.reshape(H * nb, nb)
-    counts = flat.sum(-1)  # (H·nb,)
-    # Kept column ids first (in increasing order), then padding: sort by (not kept, column).
     col = torch.arange(nb)
-    order = torch.argsort((~flat).to(torch.int64) * nb + col, dim=-1, stable=True)  # (H·nb, nb)
+    # super-rows: (head, unique row pattern) -> member query blocks
+    sr_head, sr_members, sr_pattern = [], [], []
+    for h in range(H):
+        uniq, inverse = torch.unique(keep[h], dim=0, return_inverse=True)  # (U, nb), (nb,)
+        members = torch.argsort(inverse, stable=True)  # query blocks sorted by pattern id
+        sizes = torch.bincount(inverse, minlength=uniq.shape[0]).tolist()
+        for u, part in enumerate(torch.split(members, sizes)):
+            sr_head.append(h)
+            sr_members.append(part)
+            sr_pattern.append(uniq[u])
+    patterns = torch.stack(sr_pattern)  # (R, nb)
+    counts = patterns.sum(-1)  # (R,)
+    sizes = torch.tensor([len(mem) for mem in sr_members])
+    heads_all = torch.tensor(sr_head)
+    # kept column ids first (increasing), then the rest: sort by (not kept, column)
+    order = torch.argsort((~patterns).to(torch.int64) * nb + col, dim=-1, stable=True)  # (R, nb)
     groups: list[RowGroup] = []
     placed = []
-    for lo, hi in _group_counts(sorted(set(counts.tolist()) - {0})):
-        rows = torch.nonzero((counts >= lo) & (counts <= hi)).flatten()
-        width = hi
-        kv = order[rows, :width]  # (n, C)
-        valid = col[:width][None, :] < counts[rows][:, None]  # (n, C)
-        kv = torch.where(valid, kv, kv[:, :1])  # padding slots point at a kept block (masked out)
-        heads = rows // nb
-        groups.append(
-            RowGroup(
-                rows=rows.to(device),
-                heads=heads.to(device),
-                qblocks=(rows % nb).to(device),
-                kvblocks=kv.to(device),
-                kv_flat=(heads[:, None] * nb + kv).reshape(-1).to(device),
-                valid=None if bool(valid.all()) else valid.to(device),
-                width=width,
+    for m in sorted(set(sizes.tolist())):
+        with_m = sizes == m
+        for lo, hi in _group_counts(sorted(set(counts[with_m].tolist()) - {0})):
+            sel = torch.nonzero(with_m & (counts >= lo) & (counts <= hi)).flatten()
+            kv = order[sel, :hi]  # (n, C)
+            valid = col[:hi][None, :] < counts[sel][:, None]  # (n, C)
+            kv = torch.where(valid, kv, kv[:, :1])  # padding slots point at a kept block (masked out)
+            heads = heads_all[sel]
+            qblocks = torch.stack([sr_members[i] for i in sel.tolist()])  # (n, m)
+            rows = (heads[:, None] * nb + qblocks).reshape(-1)
+            groups.append(
+                RowGroup(
+                    rows=rows.to(device),
+                    heads=heads.to(device),
+                    qblocks=qblocks.to(device),
+                    kvblocks=kv.to(device),
+                    kv_flat=(heads[:, None] * nb + kv).reshape(-1).to(device),
+                    valid=None if bool(valid.all()) else valid.to(device),
+                    width=hi,
+                    m=m,
+                )
             )
-        )
-        placed.append(rows)
-    empty = torch.nonzero(counts == 0).flatten()
+            placed.append(rows)
+    empty_sr = torch.nonzero(counts == 0).flatten().tolist()
+    empty = (
+        torch.cat([heads_all[i] * nb + sr_members[i] for i in empty_sr])
+        if empty_sr
+        else torch.zeros(0, dtype=torch.long)
+    )
     placed.append(empty)
     perm = torch.cat(placed)
     inv_perm = torch.empty_like(perm)
@@ -101,9 +125,9 @@ def build_plan(layout: torch.Tensor, device: torch.device) -> BlockSparsePlan:
         num_blocks=nb,
         groups=groups,
         num_empty=int(empty.numel()),
+        empty_rows=empty.to(device),
         inv_perm=inv_perm.to(device),
-        num_kept=int(counts.sum()),
-        max_width=int(counts.max()) if counts.numel() else 0,
+        num_kept=int(keep.sum()),
     )
 
 
@@ -139,19 +163,23 @@ def _group_bias(
     rpe: torch.Tensor | None,
     kpm: torch.Tensor | None,
     am: torch.Tensor | None,
+    float_mask: bool = False,
 ) -> torch.Tensor | None:
-    """Additive (or bool) SDPA mask of one group: (B|1, n, block|1, C·block); None when nothing is masked."""
+    """Additive (or, unless `float_mask`, bool) SDPA mask of one group: (B|1, n, m·block|1, C·block).
+
+    None when nothing is masked."""
     n, C = g.kvblocks.shape
+    m = g.m
     bias = None
     if rpe is not None:
         Br, H = rpe.shape[:2]
         r = rpe.view(Br, H, nb, block, nb, block).permute(0, 1, 2, 4, 3, 5)  # (Br, H, nb_i, nb_j, bi, bj)
-        r = r[:, g.heads[:, None], g.qblocks[:, None], g.kvblocks]  # (Br, n, C, bi, bj)
-        bias = r.permute(0, 1, 3, 2, 4).reshape(Br, n, block, C * block).to(dtype)
+        r = r[:, g.heads[:, None, None], g.qblocks[:, :, None], g.kvblocks[:, None, :]]  # (Br, n, m, C, bi, bj)
+        bias = r.permute(0, 1, 2, 4, 3, 5).reshape(Br, n, m * block, C * block).to(dtype)
     if am is not None:
         a = am.view(nb, block, nb, block).permute(0, 2, 1, 3)  # (nb_i, nb_j, bi, bj)
-        a = a[g.qblocks[:, None], g.kvblocks]  # (n, C, bi, bj)
-        a = a.permute(0, 2, 1, 3).reshape(1, n, block, C * block).to(dtype)
+        a = a[g.qblocks[:, :, None], g.kvblocks[:, None, :]]  # (n, m, C, bi, bj)
+        a = a.permute(0, 1, 3, 2, 4).reshape(1, n, m * block, C * block).to(dtype)
         bias = a if bias is None else bias + a
     if kpm is not None:
         Bk = kpm.shape[0]
@@ -160,7 +188,9 @@ def _group_bias(
     if g.valid is not None:
         pad = g.valid[:, :, None].expand(n, C, block).reshape(1, n, 1, C * block)
         if bias is None:
-            return pad  # bool: True = attend
+            if not float_mask:
+                return pad  # bool: True = attend
+            bias = torch.zeros(pad.shape, dtype=dtype, device=pad.device)
         bias = bias.masked_fill(~pad, float("-inf"))
     return bias
 
@@ -196,12 +226,12 @@ def block_sparse_attention_fwd(
     outs = []
     for g in plan.groups:
         n, C = g.kvblocks.shape
-        qg = qb.index_select(1, g.rows).view(B, n, block, D)
+        qg = qb.index_select(1, g.rows).view(B, n, g.m * block, D)
         kg = kb.index_select(1, g.kv_flat).view(B, n, C * block, D)
         vg = vb.index_select(1, g.kv_flat).view(B, n, C * block, D)
         bias = _group_bias(g, block, nb, q.dtype, rpe, kpm, am)
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bias, scale=scale)  # (B, n, block, D)
-        outs.append(og.reshape(B, n, block * D))
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bias, scale=scale)  # (B, n, m·block, D)
+        outs.append(og.reshape(B, n * g.m, block * D))
     if plan.num_empty:
         if not outs and torch.is_grad_enabled():
             # Nothing is kept at all: keep the (zero) output attached to q, k, v so their gradients are zeros.
@@ -212,3 +242,76 @@ def block_sparse_attention_fwd(
     out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
     out = out.index_select(1, plan.inv_perm)  # back to row order h·nb + i
     return out.view(B, H, S, D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU fast path: forward and backward helpers around ATen's CPU flash-attention kernels (no autograd graph here;
+# `BlockSparseAttentionTorchFunction` in the functional layer wires them up). Compared with autograd through the
+# composed ops above, it writes every group's output and gradients straight into place (no concatenation, no
+# per-group zero-filled gradient buffers) and saves only q, k, v, out and the per-group log-sum-exps: the
+# gathers are redone in the backward. Masks and rpe are constants here (no gradient).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def flash_cpu_available() -> bool:
+    ops = torch.ops.aten
+    return hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+        ops, "_scaled_dot_product_flash_attention_for_cpu_backward"
+    )
+
+
+def _gather(g: RowGroup, qb, kb, vb, B: int, block: int, D: int):
+    n, C = g.kvblocks.shape
+    qg = qb.index_select(1, g.rows).view(B, n, g.m * block, D)
+    kg = kb.index_select(1, g.kv_flat).view(B, n, C * block, D)
+    vg = vb.index_select(1, g.kv_flat).view(B, n, C * block, D)
+    return qg, kg, vg
+
+
+def block_sparse_attention_cpu_fwd(
+    q, k, v, plan: BlockSparsePlan, block: int, scale: float, rpe=None, kpm=None, am=None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Forward on CPU: returns out (B, H, S, D) and one log-sum-exp per row group (for the backward).
+
+    kpm / am are additive masks in q's dtype (see `_additive`); rpe (B|1, H, S, S) is a constant bias.
+    """
+    B, H, S, D = q.shape
+    nb = S // block
+    qb, kb, vb = (t.reshape(B, H * nb, block * D) for t in (q, k, v))  # one row per query/key block
+    out = q.new_empty(B, H * nb, block * D)
+    if plan.num_empty:
+        out.index_fill_(1, plan.empty_rows, 0)
+    lses = []
+    for g in plan.groups:
+        qg, kg, vg = _gather(g, qb, kb, vb, B, block, D)
+        bias = _group_bias(g, block, nb, q.dtype, rpe, kpm, am, float_mask=True)
+        og, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qg, kg, vg, 0.0, False, attn_mask=bias, scale=scale
+        )  # (B, n, m·block, D), (B, n, m·block)
+        out.index_copy_(1, g.rows, og.reshape(B, -1, block * D))
+        lses.append(lse)
+    return out.view(B, H, S, D), lses
+
+
+def block_sparse_attention_cpu_bwd(
+    dout, q, k, v, out, lses, plan: BlockSparsePlan, block: int, scale: float, rpe=None, kpm=None, am=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward on CPU: dq, dk, dv (B, H, S, D) from the saved out and log-sum-exps (gathers are redone)."""
+    B, H, S, D = q.shape
+    nb = S // block
+    qb, kb, vb, ob, dob = (t.reshape(B, H * nb, block * D) for t in (q, k, v, out, dout))
+    dq = q.new_zeros(B, H * nb, block * D) if plan.num_empty else q.new_empty(B, H * nb, block * D)
+    dk = k.new_zeros(B, H * nb, block * D)
+    dv = v.new_zeros(B, H * nb, block * D)
+    for g, lse in zip(plan.groups, lses, strict=True):
+        qg, kg, vg = _gather(g, qb, kb, vb, B, block, D)
+        og = ob.index_select(1, g.rows).view(qg.shape)
+        dog = dob.index_select(1, g.rows).view(qg.shape)
+        bias = _group_bias(g, block, nb, q.dtype, rpe, kpm, am, float_mask=True)
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dog, qg, kg, vg, og, lse, 0.0, False, attn_mask=bias, scale=scale
+        )
+        dq.index_copy_(1, g.rows, gq.reshape(B, -1, block * D))  # every row belongs to one group
+        dk.index_add_(1, g.kv_flat, gk.reshape(B, -1, block * D))
+        dv.index_add_(1, g.kv_flat, gv.reshape(B, -1, block * D))
+    return dq.view(B, H, S, D), dk.view(B, H, S, D), dv.view(B, H, S, D)

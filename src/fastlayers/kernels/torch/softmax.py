@@ -3,7 +3,10 @@
 The [.., S_q, S_k] tensors are the cost on CPU, so every step works in place on a buffer we own and
 uses the fused ATen softmax kernels (`_softmax.out`, `_softmax_backward_data.out`, one row-blocked pass
 each). Constants (softmax scale, 1/(1-p)) are folded into neighbouring ops instead of extra passes.
-The dropout keep mask comes from `fastlayers.utils.keep_mask` and is regenerated, bit for bit, in backward.
+The dropout keep mask comes from `fastlayers.utils.keep_mask`. Unless the caller keeps the bool mask, the
+forward stores it in the sign bit of the saved probabilities (P >= 0, so -P marks "kept"): the backward gets
+the same bits back without a second RNG run (which costs more than the softmax itself on CPU) and without
+extra memory.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from fastlayers.utils import keep_mask
 _REDUCED = (torch.float16, torch.bfloat16)
 
 
-def dropout_keep(shape: tuple[int, ...], dropout_p: float, seed: int, offset: int, device: torch.device) -> torch.Tensor:
+def dropout_keep(
+    shape: tuple[int, ...], dropout_p: float, seed: int, offset: int, device: torch.device
+) -> torch.Tensor:
     """The bool keep mask (True = keep) of one dropout call; identical for identical (seed, offset)."""
     return keep_mask(tuple(shape), dropout_p, seed, device, offset)
 
@@ -61,8 +66,9 @@ def masked_softmax_fwd(
         return_keep: also return the bool keep mask (else None).
 
     Returns:
-        (p, out, keep): p the softmax output (scores' dtype), out = p * keep / (1 - dropout_p) (p itself when
-        there is no dropout), keep (B, H, S_q, S_k) bool or None.
+        (p, out, keep): p the softmax output P (scores' dtype) -- with dropout and not return_keep, sign-encoded:
+        -P where kept, +P where dropped; out = P * keep / (1 - dropout_p) (P itself without dropout); keep
+        (B, H, S_q, S_k) bool or None.
     """
     fp32 = torch.float32 if scores.dtype in _REDUCED else scores.dtype
     # one pass into a fresh contiguous fp32 buffer (the in-place softmax needs a dense row-major layout)
@@ -80,7 +86,13 @@ def masked_softmax_fwd(
     if dropout_p == 0.0:
         return p, p, None
     keep = dropout_keep(p.shape, dropout_p, seed, offset, p.device)
-    out = torch.where(keep, p, 0.0).mul_(1.0 / (1.0 - dropout_p))
+    # (bool operands go through `where`: arithmetic with a bool tensor first copies it to float)
+    out = torch.where(keep, p, 0.0)  # P_d = P ⊙ keep
+    if not return_keep:
+        # P >= 0, so its sign bit is free: store -P where kept, +P where dropped (P - 2·P_d, exact, in place).
+        # The backward reads the mask back from the signs: no stored mask, no second RNG run.
+        p.add_(out, alpha=-2.0)
+    out.mul_(1.0 / (1.0 - dropout_p))
     return p, out, keep if return_keep else None
 
 
@@ -89,15 +101,14 @@ def masked_softmax_bwd(
     p: torch.Tensor,
     scale: float,
     dropout_p: float,
-    seed: int,
-    offset: int,
     keep: torch.Tensor | None = None,
     need_mask_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of masked_softmax_fwd's `out` w.r.t. scores (and w.r.t. the mask's broadcast input).
 
     dX = P * (dP - rowsum(dP * P)) with dP = grad * keep / (1 - dropout_p); dscores = scale * dX; dmask = dX
-    (the caller sums it to the mask's shape). The keep mask is regenerated from (seed, offset) when not given.
+    (the caller sums it to the mask's shape). With dropout and no `keep`, `p` is the sign-encoded P of the
+    forward (-P where kept); entries with P = 0 get keep = False, which changes nothing (their dX is 0).
 
     Returns:
         (dscores, dX or None): dX only when `need_mask_grad`.
@@ -107,18 +118,16 @@ def masked_softmax_bwd(
     fold = c if need_mask_grad else c * scale
     if dropout_p > 0.0:
         if keep is None:
-            keep = dropout_keep(p.shape, dropout_p, seed, offset, p.device)
-        dp = torch.where(keep, grad, 0.0)
+            keep = p < 0
+            p = p.abs()
+        dp = torch.where(keep, grad.to(p.dtype), 0.0)
         if fold != 1.0:
             dp.mul_(fold)
+        dx = softmax_backward_(dp, p)
     elif fold != 1.0:
-        dp = grad * fold
-    else:
-        dp = None  # nothing to fold: the out-of-place kernel allocates the result
-    if dp is None:
+        dx = softmax_backward_((grad * fold).to(p.dtype), p)
+    else:  # nothing to fold: the out-of-place kernel allocates the result
         dx = torch._softmax_backward_data(grad.to(p.dtype), p, -1, p.dtype)
-    else:
-        dx = softmax_backward_(dp.to(p.dtype), p)
     if not need_mask_grad:
         return dx, None
     return dx * scale if scale != 1.0 else dx.clone(), dx

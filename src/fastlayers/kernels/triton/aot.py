@@ -67,20 +67,21 @@ _PTXAS_RE = {
 }
 
 
-def _ptxas() -> str:
-    import triton
+def _ptxas(cc: int) -> str:
+    """The ptxas Triton itself uses for this arch (the wheel ships two: sm_90+ needs the newer one)."""
+    from triton.backends.nvidia.compiler import get_ptxas
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return get_ptxas(cc).path
 
 
-def _ptxas_info(ptx: str) -> dict[str, int]:
+def _ptxas_info(ptx: str, cc: int) -> dict[str, int]:
     arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
         out = subprocess.run(
-            [_ptxas(), f"-arch={arch}", "-v", path, "-o", os.path.join(d, "k.cubin")],
+            [_ptxas(cc), f"-arch={arch}", "-v", path, "-o", os.path.join(d, "k.cubin")],
             capture_output=True,
             text=True,
             check=True,
@@ -112,7 +113,7 @@ def compile_spec(spec: AotSpec, cc: int) -> dict[str, Any]:
             target=GPUTarget("cuda", cc, 32),
             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
         )
-        info = _ptxas_info(compiled.asm["ptx"])
+        info = _ptxas_info(compiled.asm["ptx"], cc)
         row.update(ok=True, shared_bytes=int(compiled.metadata.shared), **info)
     except Exception as e:  # report, do not hide: the test fails on ok=False
         row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

@@ -25,74 +25,42 @@ from fastlayers.utils import next_pow2
 LOG2E = 1.4426950408889634
 
 
+# fmt: off
 @triton.jit
 def _block_sparse_attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    Lse,  # (B, H, S, D) x4 and (B, H, S) fp32
-    Rpe,
-    Kpm,
-    Am,  # additive biases: (B|1, H, S, S) q dtype; (B, S) fp32; (S, S) fp32
-    KvNum,
-    KvIdx,  # (H, nb) int32 kept blocks per row; (H, nb, max_kept) int32 their column ids
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_qd,  #
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_kd,  #
-    stride_vb,
-    stride_vh,
-    stride_vs,
-    stride_vd,  #
-    stride_ob,
-    stride_oh,
-    stride_os,
-    stride_od,  #
-    stride_rb,
-    stride_rh,
-    stride_rm,
-    stride_rn,  #
-    stride_kpb,
-    stride_kpn,  #
-    stride_amm,
-    stride_amn,  #
-    stride_nh,
-    stride_nn,  #
-    stride_ih,
-    stride_in,
-    stride_it,  #
-    H,
-    S,
-    HEAD_DIM,  #
+    Q, K, V, Out, Lse,  # (B, H, S, D) x4 and (B, H, S) fp32
+    Rpe, Kpm, Am,  # additive biases: (B|1, H, S, S) q dtype; (B, S) fp32; (S, S) fp32
+    KvNum, KvIdx,  # (H, nb) int32 kept blocks per row; (H, nb, max_kept) int32 their column ids
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_rb, stride_rh, stride_rm, stride_rn,
+    stride_kpb, stride_kpn,
+    stride_amm, stride_amn,
+    stride_nh, stride_nn,
+    stride_ih, stride_in, stride_it,
+    H, S, HEAD_DIM,
     qk_scale,  # softmax_scale * log2(e)
-    BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,  #
-    HAS_RPE: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    HAS_AM: tl.constexpr,
-    DOT_PREC: tl.constexpr,  #
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    # int64 scalars for the tile origins (b, h, m0, n0); int32 offsets inside a tile keep register use low
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
-    qblk = (pid_m * BLOCK_M) // BLOCK  # block row of this query tile
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    # -- load the query tile once; all math in fp32, dots in the input dtype --
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-        mask=d_ok[None, :],
-        other=0.0,
-    )
+    m0 = pid_m * BLOCK_M
+    qblk = m0 // BLOCK  # block row of this query tile
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd < HEAD_DIM
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    # -- the query tile is loaded once; all math is fp32 (dots take the input dtype, accumulate in fp32) --
+    q = tl.load(Q + b * stride_qb + h * stride_qh + m0 * stride_qs + rm[:, None] * stride_qs + rd[None, :] * stride_qd,
+                mask=d_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -101,31 +69,21 @@ def _block_sparse_attn_fwd_kernel(
     # one flat loop over (kept block, sub-tile): unrolling the sub-tiles would double the live registers
     for t in range(0, n_kv * (BLOCK // BLOCK_N)):
         kblk = tl.load(idx_base + (t // (BLOCK // BLOCK_N)) * stride_it).to(tl.int64)
-        sub = t % (BLOCK // BLOCK_N)
-        offs_n = kblk * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.load(
-            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-            mask=d_ok[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-            mask=d_ok[None, :],
-            other=0.0,
-        )
+        n0 = kblk * BLOCK + (t % (BLOCK // BLOCK_N)) * BLOCK_N
+        k = tl.load(k_base + n0 * stride_ks + rn[:, None] * stride_ks + rd[None, :] * stride_kd,
+                    mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_base + n0 * stride_vs + rn[:, None] * stride_vs + rd[None, :] * stride_vd,
+                    mask=d_ok[None, :], other=0.0)
         # -- scores in base 2: s = (q.k * scale + biases) * log2(e) --
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if HAS_RPE:
-            s += (
-                tl.load(
-                    Rpe + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
-                ).to(tl.float32)
-                * 1.4426950408889634
-            )
+            r_base = Rpe + b * stride_rb + h * stride_rh + m0 * stride_rm + n0 * stride_rn
+            s += tl.load(r_base + rm[:, None] * stride_rm + rn[None, :] * stride_rn).to(tl.float32) * 1.4426950408889634
         if HAS_KPM:
-            s += tl.load(Kpm + b * stride_kpb + offs_n * stride_kpn)[None, :] * 1.4426950408889634
+            s += tl.load(Kpm + b * stride_kpb + n0 * stride_kpn + rn * stride_kpn)[None, :] * 1.4426950408889634
         if HAS_AM:
-            s += tl.load(Am + offs_m[:, None] * stride_amm + offs_n[None, :] * stride_amn) * 1.4426950408889634
+            a_base = Am + m0 * stride_amm + n0 * stride_amn
+            s += tl.load(a_base + rm[:, None] * stride_amm + rn[None, :] * stride_amn) * 1.4426950408889634
         # -- online softmax; a row that is still all -inf keeps m = -inf and uses 0 as its shift --
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -138,284 +96,158 @@ def _block_sparse_attn_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), tl.where(empty, 0.0, m_i) + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(
-        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
-        out.to(Out.dtype.element_ty),
-        mask=d_ok[None, :],
-    )
-    tl.store(Lse + pid_bh * S + offs_m, lse)
+    tl.store(Out + b * stride_ob + h * stride_oh + m0 * stride_os + rm[:, None] * stride_os + rd[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(Lse + pid_bh * S + m0 + rm, lse)
 
 
 @triton.jit
 def _block_sparse_attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    DQ,
-    Lse,
-    Delta,  # (B, H, S, D) x5; lse, delta (B, H, S) fp32
-    Rpe,
-    Kpm,
-    Am,
-    DRpe,  # biases as in the forward; DRpe (B, H, S, S) fp32 (only kept blocks are written)
-    KvNum,
-    KvIdx,  #
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_qd,  #
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_kd,  #
-    stride_vb,
-    stride_vh,
-    stride_vs,
-    stride_vd,  #
-    stride_dob,
-    stride_doh,
-    stride_dos,
-    stride_dod,  #
-    stride_dqb,
-    stride_dqh,
-    stride_dqs,
-    stride_dqd,  #
-    stride_rb,
-    stride_rh,
-    stride_rm,
-    stride_rn,  #
-    stride_kpb,
-    stride_kpn,  #
-    stride_amm,
-    stride_amn,  #
-    stride_drb,
-    stride_drh,
-    stride_drm,
-    stride_drn,  #
-    stride_nh,
-    stride_nn,  #
-    stride_ih,
-    stride_in,
-    stride_it,  #
-    H,
-    S,
-    HEAD_DIM,  #
-    qk_scale,
-    sm_scale,  #
-    BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,  #
-    HAS_RPE: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    HAS_AM: tl.constexpr,
-    HAS_DRPE: tl.constexpr,  #
-    DOT_PREC: tl.constexpr,  #
+    Q, K, V, DO, DQ, Lse, Delta,  # (B, H, S, D) x5; lse, delta (B, H, S) fp32
+    Rpe, Kpm, Am, DRpe,  # biases as in the forward; DRpe (B, H, S, S) fp32 (only kept blocks are written)
+    KvNum, KvIdx,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+    stride_rb, stride_rh, stride_rm, stride_rn,
+    stride_kpb, stride_kpn,
+    stride_amm, stride_amn,
+    stride_drb, stride_drh, stride_drm, stride_drn,
+    stride_nh, stride_nn,
+    stride_ih, stride_in, stride_it,
+    H, S, HEAD_DIM,
+    qk_scale, sm_scale,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, HAS_DRPE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
-    qblk = (pid_m * BLOCK_M) // BLOCK
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-        mask=d_ok[None, :],
-        other=0.0,
-    )
-    do = tl.load(
-        DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
-        mask=d_ok[None, :],
-        other=0.0,
-    )
-    lse = tl.load(Lse + pid_bh * S + offs_m)
-    delta = tl.load(Delta + pid_bh * S + offs_m)
+    m0 = pid_m * BLOCK_M
+    qblk = m0 // BLOCK
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd < HEAD_DIM
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    q = tl.load(Q + b * stride_qb + h * stride_qh + m0 * stride_qs + rm[:, None] * stride_qs + rd[None, :] * stride_qd,
+                mask=d_ok[None, :], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + m0 * stride_dos + rm[:, None] * stride_dos
+                 + rd[None, :] * stride_dod, mask=d_ok[None, :], other=0.0)
+    lse = tl.load(Lse + pid_bh * S + m0 + rm)
+    delta = tl.load(Delta + pid_bh * S + m0 + rm)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_kv = tl.load(KvNum + h * stride_nh + qblk * stride_nn)
     idx_base = KvIdx + h * stride_ih + qblk * stride_in
-    # one flat loop over (kept block, sub-tile): unrolling the sub-tiles would double the live registers
     for t in range(0, n_kv * (BLOCK // BLOCK_N)):
         kblk = tl.load(idx_base + (t // (BLOCK // BLOCK_N)) * stride_it).to(tl.int64)
-        sub = t % (BLOCK // BLOCK_N)
-        offs_n = kblk * BLOCK + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.load(
-            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-            mask=d_ok[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-            mask=d_ok[None, :],
-            other=0.0,
-        )
+        n0 = kblk * BLOCK + (t % (BLOCK // BLOCK_N)) * BLOCK_N
+        k = tl.load(k_base + n0 * stride_ks + rn[:, None] * stride_ks + rd[None, :] * stride_kd,
+                    mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_base + n0 * stride_vs + rn[:, None] * stride_vs + rd[None, :] * stride_vd,
+                    mask=d_ok[None, :], other=0.0)
         # -- recompute p = exp2(s - lse) (base 2, as in the forward) --
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if HAS_RPE:
-            s += (
-                tl.load(
-                    Rpe + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
-                ).to(tl.float32)
-                * 1.4426950408889634
-            )
+            r_base = Rpe + b * stride_rb + h * stride_rh + m0 * stride_rm + n0 * stride_rn
+            s += tl.load(r_base + rm[:, None] * stride_rm + rn[None, :] * stride_rn).to(tl.float32) * 1.4426950408889634
         if HAS_KPM:
-            s += tl.load(Kpm + b * stride_kpb + offs_n * stride_kpn)[None, :] * 1.4426950408889634
+            s += tl.load(Kpm + b * stride_kpb + n0 * stride_kpn + rn * stride_kpn)[None, :] * 1.4426950408889634
         if HAS_AM:
-            s += tl.load(Am + offs_m[:, None] * stride_amm + offs_n[None, :] * stride_amn) * 1.4426950408889634
+            a_base = Am + m0 * stride_amm + n0 * stride_amn
+            s += tl.load(a_base + rm[:, None] * stride_amm + rn[None, :] * stride_amn) * 1.4426950408889634
         p = tl.math.exp2(s - lse[:, None])
         # -- ds = p * (dO.vᵀ - delta) is the gradient of the (unscaled) biased score --
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         if HAS_DRPE:
-            tl.store(
-                DRpe + b * stride_drb + h * stride_drh + offs_m[:, None] * stride_drm + offs_n[None, :] * stride_drn, ds
-            )
+            dr_base = DRpe + b * stride_drb + h * stride_drh + m0 * stride_drm + n0 * stride_drn
+            tl.store(dr_base + rm[:, None] * stride_drm + rn[None, :] * stride_drn, ds)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     dq = dq * sm_scale
-    tl.store(
-        DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
-        dq.to(DQ.dtype.element_ty),
-        mask=d_ok[None, :],
-    )
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + m0 * stride_dqs + rm[:, None] * stride_dqs
+             + rd[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=d_ok[None, :])
 
 
 @triton.jit
 def _block_sparse_attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    DK,
-    DV,
-    Lse,
-    Delta,  # (B, H, S, D) x6; lse, delta (B, H, S) fp32
-    Rpe,
-    Kpm,
-    Am,  #
-    QNum,
-    QIdx,  # (H, nb) query blocks that keep each key block; (H, nb, max_rows) their row ids
-    stride_qb,
-    stride_qh,
-    stride_qs,
-    stride_qd,  #
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_kd,  #
-    stride_vb,
-    stride_vh,
-    stride_vs,
-    stride_vd,  #
-    stride_dob,
-    stride_doh,
-    stride_dos,
-    stride_dod,  #
-    stride_dkb,
-    stride_dkh,
-    stride_dks,
-    stride_dkd,  #
-    stride_dvb,
-    stride_dvh,
-    stride_dvs,
-    stride_dvd,  #
-    stride_rb,
-    stride_rh,
-    stride_rm,
-    stride_rn,  #
-    stride_kpb,
-    stride_kpn,  #
-    stride_amm,
-    stride_amn,  #
-    stride_nh,
-    stride_nn,  #
-    stride_ih,
-    stride_in,
-    stride_it,  #
-    H,
-    S,
-    HEAD_DIM,  #
-    qk_scale,
-    sm_scale,  #
-    BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,  #
-    HAS_RPE: tl.constexpr,
-    HAS_KPM: tl.constexpr,
-    HAS_AM: tl.constexpr,
-    DOT_PREC: tl.constexpr,  #
+    Q, K, V, DO, DK, DV, Lse, Delta,  # (B, H, S, D) x6; lse, delta (B, H, S) fp32
+    Rpe, Kpm, Am,
+    QNum, QIdx,  # (H, nb) query blocks that keep each key block; (H, nb, max_rows) their row ids
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_dkb, stride_dkh, stride_dks, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    stride_rb, stride_rh, stride_rm, stride_rn,
+    stride_kpb, stride_kpn,
+    stride_amm, stride_amn,
+    stride_nh, stride_nn,
+    stride_ih, stride_in, stride_it,
+    H, S, HEAD_DIM,
+    qk_scale, sm_scale,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
-    kblk = (pid_n * BLOCK_N) // BLOCK  # block column of this key tile
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    k = tl.load(
-        K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-        mask=d_ok[None, :],
-        other=0.0,
-    )
-    v = tl.load(
-        V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-        mask=d_ok[None, :],
-        other=0.0,
-    )
+    n0 = pid_n * BLOCK_N
+    kblk = n0 // BLOCK  # block column of this key tile
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd < HEAD_DIM
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    k = tl.load(K + b * stride_kb + h * stride_kh + n0 * stride_ks + rn[:, None] * stride_ks + rd[None, :] * stride_kd,
+                mask=d_ok[None, :], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + n0 * stride_vs + rn[:, None] * stride_vs + rd[None, :] * stride_vd,
+                mask=d_ok[None, :], other=0.0)
     if HAS_KPM:
-        kpm = tl.load(Kpm + b * stride_kpb + offs_n * stride_kpn) * 1.4426950408889634
+        kpm = tl.load(Kpm + b * stride_kpb + n0 * stride_kpn + rn * stride_kpn) * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     n_q = tl.load(QNum + h * stride_nh + kblk * stride_nn)
     idx_base = QIdx + h * stride_ih + kblk * stride_in
     for t in range(0, n_q * (BLOCK // BLOCK_M)):
         qblk = tl.load(idx_base + (t // (BLOCK // BLOCK_M)) * stride_it).to(tl.int64)
-        sub = t % (BLOCK // BLOCK_M)
-        offs_m = qblk * BLOCK + sub * BLOCK_M + tl.arange(0, BLOCK_M)
-        q = tl.load(
-            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-            mask=d_ok[None, :],
-            other=0.0,
-        )
-        do = tl.load(
-            DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
-            mask=d_ok[None, :],
-            other=0.0,
-        )
-        lse = tl.load(Lse + pid_bh * S + offs_m)
-        delta = tl.load(Delta + pid_bh * S + offs_m)
+        m0 = qblk * BLOCK + (t % (BLOCK // BLOCK_M)) * BLOCK_M
+        q = tl.load(q_base + m0 * stride_qs + rm[:, None] * stride_qs + rd[None, :] * stride_qd,
+                    mask=d_ok[None, :], other=0.0)
+        do = tl.load(do_base + m0 * stride_dos + rm[:, None] * stride_dos + rd[None, :] * stride_dod,
+                     mask=d_ok[None, :], other=0.0)
+        lse = tl.load(Lse + pid_bh * S + m0 + rm)
+        delta = tl.load(Delta + pid_bh * S + m0 + rm)
         # -- transposed scores sT[n, m] (keys along rows), base 2 --
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         if HAS_RPE:
-            sT += (
-                tl.load(
-                    Rpe + b * stride_rb + h * stride_rh + offs_m[None, :] * stride_rm + offs_n[:, None] * stride_rn
-                ).to(tl.float32)
-                * 1.4426950408889634
-            )
+            r_base = Rpe + b * stride_rb + h * stride_rh + m0 * stride_rm + n0 * stride_rn
+            rT = tl.load(r_base + rm[None, :] * stride_rm + rn[:, None] * stride_rn)
+            sT += rT.to(tl.float32) * 1.4426950408889634
         if HAS_KPM:
             sT += kpm[:, None]
         if HAS_AM:
-            sT += tl.load(Am + offs_m[None, :] * stride_amm + offs_n[:, None] * stride_amn) * 1.4426950408889634
+            a_base = Am + m0 * stride_amm + n0 * stride_amn
+            sT += tl.load(a_base + rm[None, :] * stride_amm + rn[:, None] * stride_amn) * 1.4426950408889634
         pT = tl.math.exp2(sT - lse[None, :])
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
     dk = dk * sm_scale
-    tl.store(
-        DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
-        dk.to(DK.dtype.element_ty),
-        mask=d_ok[None, :],
-    )
-    tl.store(
-        DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
-        dv.to(DV.dtype.element_ty),
-        mask=d_ok[None, :],
-    )
+    tl.store(DK + b * stride_dkb + h * stride_dkh + n0 * stride_dks + rn[:, None] * stride_dks
+             + rd[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=d_ok[None, :])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + n0 * stride_dvs + rn[:, None] * stride_dvs
+             + rd[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
+# fmt: on
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -467,14 +299,15 @@ def layout_index(layout: torch.Tensor, device: torch.device) -> LayoutIndex:
     return index
 
 
-def _tile(block: int, fp32: bool) -> int:
-    """Query/key tile: the block itself up to 64 (32 for fp32, whose full-precision dots need more registers);
-    larger blocks are walked as sub-tiles, so no configuration spills."""
-    return min(block, 32 if fp32 else 64)
+def _tile(block: int, block_d: int, fp32: bool) -> int:
+    """Query/key tile: min(block, 32) (fp32 with D > 64: 16); larger blocks are walked as sub-tiles. 64-wide tiles
+    reach 255 registers and spill in the backward kernels (and with biases) on sm_80/sm_90, so none is used."""
+    cap = 16 if (fp32 and block_d > 64) else 32
+    return min(block, cap)
 
 
 def _num_warps(tile: int, block_d: int, fp32: bool) -> int:
-    # 4 warps spill on sm_90 for fp32 32x32 tiles (ieee dots) and for D=128; 8 do not (AOT table).
+    # 4 warps spill for fp32 32-wide tiles (full-precision dots) and for D = 128 (AOT table); 8 do not.
     return 8 if block_d > 64 or (fp32 and tile >= 32) else 4
 
 
@@ -521,7 +354,7 @@ def block_sparse_attention_fwd(
     """Forward launcher. q, k, v (B, H, S, D); returns out (B, H, S, D) and lse (B, H, S) fp32 (base 2)."""
     B, H, S, D = q.shape
     BLOCK_D = max(16, next_pow2(D))
-    tile = _tile(block, q.dtype == torch.float32)
+    tile = _tile(block, BLOCK_D, q.dtype == torch.float32)
     out = torch.empty_like(q)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     kpm_a, am_a = _additive(kpm, kpm_mode), _additive(am, am_mode)
@@ -585,7 +418,7 @@ def block_sparse_attention_bwd(
     """Backward launcher: returns dq, dk, dv (like q) and drpe (rpe's shape and dtype, or None)."""
     B, H, S, D = q.shape
     BLOCK_D = max(16, next_pow2(D))
-    tile = _tile(block, q.dtype == torch.float32)
+    tile = _tile(block, BLOCK_D, q.dtype == torch.float32)
     dout = dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1)  # (B, H, S): rowsum(dO * O)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -719,7 +552,7 @@ def _aot_specs() -> list[AotSpec]:
         for block, d in [(16, 64), (32, 64), (64, 64), (128, 64), (64, 128)]:
             all_features = [False, True] if (dtype, block, d) == ("*fp16", 64, 64) else [False]
             for feats in all_features:
-                tile = _tile(block, dtype == "*fp32")
+                tile = _tile(block, d, dtype == "*fp32")
                 base = dict(
                     BLOCK=block,
                     BLOCK_M=tile,

@@ -232,14 +232,34 @@ def layer_norm_fwd(
         block_n = block_for(n)
         progs, rows = _fwd_grid(m, x.device)
         _layer_norm_fwd_kernel[(progs,)](
-            x, bias if bias is not None else x, residual if residual is not None else x, weight, ln_bias,  #
-            y, pre if pre is not None else y, keep if keep is not None else y, mean, rstd,  #
-            x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),  #
-            pre.stride(0) if pre is not None else 0, keep.stride(0) if keep is not None else 0,  #
-            m, n, rows,  #
-            eps, dropout_p, 1.0 / (1.0 - dropout_p), seed,  #
-            BLOCK_N=block_n, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,  #
-            HAS_DROPOUT=has_dropout, STORE_PRE=store_pre, STORE_MASK=keep is not None,  #
+            x,
+            bias if bias is not None else x,
+            residual if residual is not None else x,
+            weight,
+            ln_bias,  #
+            y,
+            pre if pre is not None else y,
+            keep if keep is not None else y,
+            mean,
+            rstd,  #
+            x.stride(0),
+            residual.stride(0) if residual is not None else 0,
+            y.stride(0),  #
+            pre.stride(0) if pre is not None else 0,
+            keep.stride(0) if keep is not None else 0,  #
+            m,
+            n,
+            rows,  #
+            eps,
+            dropout_p,
+            1.0 / (1.0 - dropout_p),
+            seed,  #
+            BLOCK_N=block_n,
+            HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=residual is not None,  #
+            HAS_DROPOUT=has_dropout,
+            STORE_PRE=store_pre,
+            STORE_MASK=keep is not None,  #
             num_warps=_num_warps(block_n),
         )
     if return_mask and keep is None:
@@ -279,15 +299,35 @@ def layer_norm_bwd(
     if m > 0:
         block_n = block_for(n)
         _layer_norm_bwd_kernel[(progs,)](
-            dy, dpre_out if dpre_out is not None else dy, saved, weight, ln_bias,  #
-            mean if mean is not None else rstd, rstd,  #
-            dx, dres if dres is not None else dx, part[0], part[1], part[2] if has_bias else part[0],  #
-            dy.stride(0), dpre_out.stride(0) if dpre_out is not None else 0, saved.stride(0),  #
-            dx.stride(0), dres.stride(0) if dres is not None else 0,  #
-            m, n, rows,  #
-            dropout_p, 1.0 / (1.0 - dropout_p), seed,  #
-            BLOCK_N=block_n, HAS_DPRE_OUT=dpre_out is not None, HAS_BIAS=has_bias,  #
-            HAS_RESIDUAL=has_residual, HAS_DROPOUT=has_dropout, IS_INVERTIBLE=invertible,  #
+            dy,
+            dpre_out if dpre_out is not None else dy,
+            saved,
+            weight,
+            ln_bias,  #
+            mean if mean is not None else rstd,
+            rstd,  #
+            dx,
+            dres if dres is not None else dx,
+            part[0],
+            part[1],
+            part[2] if has_bias else part[0],  #
+            dy.stride(0),
+            dpre_out.stride(0) if dpre_out is not None else 0,
+            saved.stride(0),  #
+            dx.stride(0),
+            dres.stride(0) if dres is not None else 0,  #
+            m,
+            n,
+            rows,  #
+            dropout_p,
+            1.0 / (1.0 - dropout_p),
+            seed,  #
+            BLOCK_N=block_n,
+            HAS_DPRE_OUT=dpre_out is not None,
+            HAS_BIAS=has_bias,  #
+            HAS_RESIDUAL=has_residual,
+            HAS_DROPOUT=has_dropout,
+            IS_INVERTIBLE=invertible,  #
             num_warps=_num_warps(block_n),
         )
     sums = part.sum(1)  # (2 or 3, N) fp32: the reduction over programs

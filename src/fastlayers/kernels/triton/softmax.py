@@ -13,8 +13,9 @@ import triton.language as tl
 from fastlayers.kernels.triton.aot import AotSpec
 from fastlayers.utils import cdiv, next_pow2
 
-# A row lives in registers (16 warps x 32 lanes x 32 elements at most); longer rows go to the torch backend.
-MAX_S_K = 16384
+# A row lives in registers (16 warps x 32 lanes x 8 elements at most: tl.rand's Philox state is the register
+# bound; 16 elements per lane spill at sm_90); longer rows go to the torch backend.
+MAX_S_K = 4096
 _ELEMS_PER_PROGRAM = 2048  # short rows: pack several per program so each program moves ~2k elements
 
 
@@ -27,7 +28,7 @@ def _config(s_k: int) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS, num_warps) for rows of s_k elements."""
     block_n = max(16, next_pow2(s_k))
     rows = max(1, min(16, _ELEMS_PER_PROGRAM // block_n))
-    num_warps = min(max(block_n // 512, 4), 16)
+    num_warps = min(max(block_n // 256, 4), 16)  # <= 8 elements per thread for rows >= 1024
     return block_n, rows, num_warps
 
 
@@ -38,12 +39,26 @@ def _masked_softmax_fwd_kernel(
     P_ptr,  # softmax output, contiguous (B, H, S_q, S_k)
     Out_ptr,  # dropped output p * keep / (1 - dropout_p), contiguous; unused without dropout
     Keep_ptr,  # int8 keep mask, contiguous; written when STORE_KEEP
-    stride_xb, stride_xh, stride_xq, stride_xk,  #
-    stride_mb, stride_mh, stride_mq, stride_mk,  #
-    n_rows, H, S_q, S_k,  #
-    scale, dropout_p, seed,  # seed: Philox key; element e (row-major index) draws tl.rand(seed, e)
-    BLOCK_N: tl.constexpr, ROWS: tl.constexpr,  #
-    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_KEEP: tl.constexpr,
+    stride_xb,
+    stride_xh,
+    stride_xq,
+    stride_xk,  #
+    stride_mb,
+    stride_mh,
+    stride_mq,
+    stride_mk,  #
+    n_rows,
+    H,
+    S_q,
+    S_k,  #
+    scale,
+    dropout_p,
+    seed,  # seed: Philox key; element e (row-major index) draws tl.rand(seed, e)
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,  #
+    HAS_MASK: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    STORE_KEEP: tl.constexpr,
 ):
     # All maths in fp32; cast to the output element type at tl.store.
     pid = tl.program_id(0).to(tl.int64)
@@ -83,11 +98,21 @@ def _masked_softmax_bwd_kernel(
     P_ptr,  # saved softmax output, contiguous
     Keep_ptr,  # int8 keep mask, contiguous; read when LOAD_KEEP, else regenerated from seed
     DX_ptr,  # grad of scores, contiguous
-    stride_gb, stride_gh, stride_gq, stride_gk,  #
-    n_rows, H, S_q, S_k,  #
-    scale, dropout_p, seed,  #
-    BLOCK_N: tl.constexpr, ROWS: tl.constexpr,  #
-    HAS_DROPOUT: tl.constexpr, LOAD_KEEP: tl.constexpr,
+    stride_gb,
+    stride_gh,
+    stride_gq,
+    stride_gk,  #
+    n_rows,
+    H,
+    S_q,
+    S_k,  #
+    scale,
+    dropout_p,
+    seed,  #
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,  #
+    HAS_DROPOUT: tl.constexpr,
+    LOAD_KEEP: tl.constexpr,
 ):
     # dS = scale * P * (dP - rowsum(dP * P)), dP = G * keep / (1 - dropout_p); fp32 maths.
     pid = tl.program_id(0).to(tl.int64)
@@ -149,11 +174,25 @@ def masked_softmax_fwd(
     n_rows = b * h * s_q
     block_n, rows, num_warps = _config(s_k)
     _masked_softmax_fwd_kernel[(cdiv(n_rows, rows),)](
-        scores, mask if mask is not None else scores, p, out, keep,  #
-        *scores.stride(), *_mask_strides(mask, shape),  #
-        n_rows, h, s_q, s_k,  #
-        float(scale), float(dropout_p), dropout_key(seed, offset),  #
-        BLOCK_N=block_n, ROWS=rows, HAS_MASK=mask is not None, HAS_DROPOUT=has_dropout, STORE_KEEP=store_keep,  #
+        scores,
+        mask if mask is not None else scores,
+        p,
+        out,
+        keep,  #
+        *scores.stride(),
+        *_mask_strides(mask, shape),  #
+        n_rows,
+        h,
+        s_q,
+        s_k,  #
+        float(scale),
+        float(dropout_p),
+        dropout_key(seed, offset),  #
+        BLOCK_N=block_n,
+        ROWS=rows,
+        HAS_MASK=mask is not None,
+        HAS_DROPOUT=has_dropout,
+        STORE_KEEP=store_keep,  #
         num_warps=num_warps,
     )
     return out, p, keep.view(torch.bool) if store_keep else None
@@ -183,11 +222,22 @@ def masked_softmax_bwd(
     has_dropout = dropout_p > 0.0
     load_keep = has_dropout and keep is not None
     _masked_softmax_bwd_kernel[(cdiv(n_rows, rows),)](
-        grad, p, keep.view(torch.int8) if load_keep else p, dx,  #
+        grad,
+        p,
+        keep.view(torch.int8) if load_keep else p,
+        dx,  #
         *grad.stride(),  #
-        n_rows, h, s_q, s_k,  #
-        float(scale), float(dropout_p), dropout_key(seed, offset),  #
-        BLOCK_N=block_n, ROWS=rows, HAS_DROPOUT=has_dropout, LOAD_KEEP=load_keep,  #
+        n_rows,
+        h,
+        s_q,
+        s_k,  #
+        float(scale),
+        float(dropout_p),
+        dropout_key(seed, offset),  #
+        BLOCK_N=block_n,
+        ROWS=rows,
+        HAS_DROPOUT=has_dropout,
+        LOAD_KEEP=load_keep,  #
         num_warps=num_warps,
     )
     return dx
@@ -200,7 +250,7 @@ def _strides(prefix: str) -> list[str]:
 def _fwd_spec(dt: str, s_k: int) -> AotSpec:
     block_n, rows, num_warps = _config(s_k)
     sig = dict(X_ptr=dt, M_ptr=dt, P_ptr=dt, Out_ptr=dt, Keep_ptr="*i8")
-    sig.update({k: "i64" for k in (*_strides("x"), *_strides("m"))})
+    sig.update({k: "i32" for k in (*_strides("x"), *_strides("m"))})
     sig.update(n_rows="i32", H="i32", S_q="i32", S_k="i32", scale="fp32", dropout_p="fp32", seed="i64")
     flags = dict(HAS_MASK=True, HAS_DROPOUT=True, STORE_KEEP=True)
     sig.update({k: "constexpr" for k in ("BLOCK_N", "ROWS", *flags)})
@@ -216,7 +266,7 @@ def _fwd_spec(dt: str, s_k: int) -> AotSpec:
 def _bwd_spec(dt: str, s_k: int, load_keep: bool) -> AotSpec:
     block_n, rows, num_warps = _config(s_k)
     sig = dict(G_ptr=dt, P_ptr=dt, Keep_ptr="*i8", DX_ptr=dt)
-    sig.update({k: "i64" for k in _strides("g")})
+    sig.update({k: "i32" for k in _strides("g")})
     sig.update(n_rows="i32", H="i32", S_q="i32", S_k="i32", scale="fp32", dropout_p="fp32", seed="i64")
     flags = dict(HAS_DROPOUT=True, LOAD_KEEP=load_keep)
     sig.update({k: "constexpr" for k in ("BLOCK_N", "ROWS", *flags)})
@@ -229,14 +279,14 @@ def _bwd_spec(dt: str, s_k: int, load_keep: bool) -> AotSpec:
     )
 
 
-# Default configs: BERT's S = 128 (16 rows per program), 512, and the longest row kept in registers; every
-# feature on (the most registers).
+# Default configs: BERT's S = 128 (16 rows per program) and the longest row kept in registers (4096, 16 warps);
+# every feature on (the most registers).
 AOT_SPECS = [
     spec
     for dt in ("*fp32", "*fp16", "*bf16")
     for spec in (
-        *(_fwd_spec(dt, s) for s in (128, 512, MAX_S_K)),
-        *(_bwd_spec(dt, s, False) for s in (128, 512, MAX_S_K)),
-        _bwd_spec(dt, 512, True),
+        *(_fwd_spec(dt, s) for s in (128, MAX_S_K)),
+        *(_bwd_spec(dt, s, False) for s in (128, MAX_S_K)),
+        _bwd_spec(dt, 128, True),
     )
 ]
