@@ -75,11 +75,11 @@ def test_dropout_checkpoint_same_results_fewer_saved_bytes(dropout_p):
     for a, b in zip(res[True][1], res[False][1], strict=True):
         assert torch.equal(a, b)
     mask_bytes = 2 * 3 * 33 * 33  # one bool per probability
+    p_bytes = 2 * 3 * 33 * 33 * 4
     if dropout_p > 0:
         assert res[False][2] - res[True][2] == mask_bytes
     else:
         assert res[False][2] == res[True][2]
-    p_bytes = 2 * 3 * 33 * 33 * 4
     assert res[True][2] == p_bytes + 3 * q.numel() * 4  # P plus q, k, v (re-laid out as (B*H, S, D))
 
 
@@ -117,15 +117,22 @@ def test_no_dropout_draws_no_random_number():
     assert torch.equal(state, torch.get_rng_state())
 
 
-def test_inference_path_uses_sdpa_and_matches():
-    q, k, v = qkv(dtype=torch.float64)
+@pytest.mark.parametrize("grad", [False, True])
+def test_no_dropout_paths_match_reference(grad):  # no grad: the SDPA path; grad: the Function
+    q, k, v = qkv(dtype=torch.float64, grad=grad)
     bias = torch.zeros(2, 1, 9, 9, dtype=torch.float64)
     bias[0, 0, 4] = float("-inf")
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         out = attention(q, k, v, attn_bias=bias, causal=True)
     want = attention_ref(q, k, v, attn_bias=bias, causal=True)
     assert_close(out, want, name="sdpa path")
     assert (out[0, 4] == 0).all()
+    if grad:
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), g)
+        for name, a, b in zip(("dq", "dk", "dv"), got, torch.autograd.grad(want, (q, k, v), g), strict=True):
+            assert_close(a, b, kind="bwd", name=name)
+        assert (got[0][0, 4] == 0).all(), "fully masked row: zero dq"
 
 
 def test_bias_gradient_on_torch_backend():

@@ -108,8 +108,10 @@ def _torch_impl(
     bias_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in biases)
     if q.device.type == "cpu" and not bias_grad and kt.flash_cpu_available():
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-        kpm = kt._additive(key_padding_mask, key_padding_mask_mode, q.dtype) if key_padding_mask is not None else None
-        am = kt._additive(attn_mask, attn_mask_mode, q.dtype) if attn_mask is not None else None
+        kpm = (
+            kt.additive_mask(key_padding_mask, key_padding_mask_mode, q.dtype) if key_padding_mask is not None else None
+        )
+        am = kt.additive_mask(attn_mask, attn_mask_mode, q.dtype) if attn_mask is not None else None
         return BlockSparseAttentionTorchFunction.apply(q, k, v, layout, block, scale, rpe, kpm, am)
     # Other devices, or a bias that needs its gradient: autograd through the composed ops (SDPA per group).
     return kt.block_sparse_attention_fwd(

@@ -166,7 +166,7 @@ def attention_bwd(
     return back(dq3, s_q), back(dk3, s_k), back(dv3, s_k), dbias
 
 
-def sdpa_inference(
+def sdpa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -174,7 +174,10 @@ def sdpa_inference(
     softmax_scale: float | None,
     causal: bool,
 ) -> torch.Tensor:
-    """No-dropout, no-grad forward through F.scaled_dot_product_attention (fused CPU flash kernel); (B, S_q, H, D)."""
+    """No-dropout attention through F.scaled_dot_product_attention's fused kernel; (B, S_q, H, D).
+
+    Used for inference (no grad). Fully masked rows give 0 there too (torch >= 2.5).
+    """
     s_q, s_k = q.shape[1], k.shape[1]
     if attn_bias is None:
         bias, is_causal = None, causal

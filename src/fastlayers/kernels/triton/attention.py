@@ -302,7 +302,7 @@ def _attn_bwd_dkdv_kernel(
         valid = n_ok[:, None] & m_ok[None, :]
         if IS_CAUSAL:
             valid = valid & (offs_n[:, None] <= offs_m[None, :])
-        pt = tl.where(valid, tl.exp2(st - lse[None, :]), 0.0)
+        pt = tl.exp2(tl.where(valid, st, float("-inf")) - lse[None, :])  # masked entries -> exp2(-inf) = 0
         do = tl.load(
             do_base + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
             mask=m_ok[:, None] & d_ok[None, :],
@@ -422,7 +422,7 @@ def _attn_bwd_dq_kernel(
         valid = m_ok[:, None] & n_ok[None, :]
         if IS_CAUSAL:
             valid = valid & (cols[None, :] <= offs_m[:, None])
-        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.exp2(tl.where(valid, s, float("-inf")) - lse[:, None])  # masked entries -> exp2(-inf) = 0
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if HAS_DROPOUT:
             keep = tl.rand(seed + off_bh, rng_rows + cols[None, :]) >= dropout_p  # same stream as forward
