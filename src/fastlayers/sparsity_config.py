@@ -28,6 +28,8 @@ from collections.abc import Sequence
 
 import torch
 
+from fastlayers.reference.block_sparse import layout_to_dense_mask  # noqa: F401  (re-exported)
+
 _ATTENTIONS = ("unidirectional", "bidirectional")
 _SUBCLASSES = (
     "DenseSparsityConfig, FixedSparsityConfig, VariableSparsityConfig, BigBirdSparsityConfig, "
@@ -520,12 +522,6 @@ def block_indices_to_layout(kv_num_blocks: torch.Tensor, kv_indices: torch.Tenso
     keep = torch.arange(nkv, device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
     layout = torch.zeros(kv_indices.shape, dtype=torch.int64, device=kv_indices.device)
     return layout.scatter_(-1, kv_indices.long(), keep.long())
-
-
-def layout_to_dense_mask(layout: torch.Tensor, block: int) -> torch.Tensor:
-    """Expand a layout `(..., nq, nkv)` to its element mask `(..., nq * block, nkv * block)` (bool, True = attend)."""
-    nz = layout != 0
-    return nz.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
 
 
 def to_block_mask(layout: torch.Tensor, block: int, **kwargs):

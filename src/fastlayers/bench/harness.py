@@ -27,7 +27,9 @@ class Case:
     peer: Callable[[], Any]
     peer_name: str
     flops: float | None = None  # FLOPs of one call, for a GFLOP/s column
-    extra: dict[str, Any] = field(default_factory=dict)  # memory fields etc., copied into the record
+    # memory fields etc., copied into the record after timing (setup may fill them); a `work_limit`
+    # (ideal speedup from the work kept) adds `speedup_vs_limit` = measured speedup / work_limit
+    extra: dict[str, Any] = field(default_factory=dict)
     setup: Callable[[], None] | None = None  # called once before timing (e.g. to build big inputs lazily)
     teardown: Callable[[], None] | None = None
 
@@ -92,6 +94,9 @@ def run(cases: list[Case], *, rounds: int = 3, reps: int = 3, warmup: int = 1, p
             if bar is not None:
                 bar.update(1)
         o, p = statistics.median(ours_r), statistics.median(peer_r)
+        extra = dict(case.extra)
+        if extra.get("work_limit"):  # how close to the ideal speedup (time proportional to the work kept)
+            extra["speedup_vs_limit"] = round(p / o / extra["work_limit"], 3)
         records.append(
             Record(
                 name=case.name,
@@ -103,7 +108,7 @@ def run(cases: list[Case], *, rounds: int = 3, reps: int = 3, warmup: int = 1, p
                 ours_range_ms=(round(min(ours_r), 3), round(max(ours_r), 3)),
                 peer_range_ms=(round(min(peer_r), 3), round(max(peer_r), 3)),
                 gflops=round(case.flops / o / 1e6, 2) if case.flops else None,
-                extra=dict(case.extra),
+                extra=extra,
             )
         )
         if case.teardown is not None:

@@ -76,19 +76,24 @@ def _median_ms(fn: Callable[[], object], reps: int) -> float:
 def _gemm_rate(
     B: int, S: int, H: int, I: int, device: torch.device, ours: Callable[[], None], flops: float, rounds: int
 ) -> tuple[float, float]:
-    """(GEMM GFLOP/s, layer share of it): the GEMM and the layer timed interleaved, medians over rounds."""
+    """(GEMM GFLOP/s, layer share of it). Each round times the GEMM just before and just after one layer step
+    and takes the layer's rate over their mean (pairing cancels slow drifts of a shared machine); medians over
+    rounds."""
     a = torch.randn(B * S, H, device=device)
     b = torch.randn(H, I, device=device)
     gemm = lambda: torch.mm(a, b)  # noqa: E731
+    gemm_flops = 2.0 * B * S * H * I
     gemm()
     ours()  # warm-up (the harness's own warm-up comes after setup)
-    g_ms, l_ms = [], []
+    rates, shares = [], []
     for _ in range(rounds):
-        g_ms.append(_median_ms(gemm, 5))
-        l_ms.append(_median_ms(ours, 1))
-    gemm_gflops = 2.0 * B * S * H * I / statistics.median(g_ms) / 1e6
-    layer_gflops = flops / statistics.median(l_ms) / 1e6
-    return gemm_gflops, layer_gflops / gemm_gflops
+        before = _median_ms(gemm, 3)
+        layer_ms = _median_ms(ours, 1)
+        after = _median_ms(gemm, 3)
+        rate = gemm_flops / ((before + after) / 2) / 1e6
+        rates.append(rate)
+        shares.append(flops / layer_ms / 1e6 / rate)
+    return statistics.median(rates), statistics.median(shares)
 
 
 def _case(
@@ -116,7 +121,7 @@ def _case(
                 one_bytes = saved_activation_bytes(lambda one=one: one(x), exclude=(x, one))
                 extra[f"ratio_{SHORT[f]}"] = round(one_bytes / peer_bytes, 3)
         if kind == "hf":
-            gemm, share = _gemm_rate(B, S, H, I, device, state["ours"], flops, rounds=1 if quick else 3)
+            gemm, share = _gemm_rate(B, S, H, I, device, state["ours"], flops, rounds=1 if quick else 5)
             extra.update(gemm_gflops=round(gemm, 1), gemm_share=round(share, 3))
 
     def teardown():

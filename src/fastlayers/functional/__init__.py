@@ -1,1 +1,20 @@
-"""functional layer."""
+"""L2: public functional ops with backend dispatch, and their autograd Functions.
+
+Importing this package registers every op's backends (reference, torch, triton).
+"""
+
+from fastlayers.functional.attention import attention
+from fastlayers.functional.bias_gelu import bias_gelu, bias_gelu_linear
+from fastlayers.functional.block_sparse import block_sparse_attention
+from fastlayers.functional.layer_norm import bias_dropout_residual_layer_norm, layer_norm
+from fastlayers.functional.softmax import masked_softmax
+
+__all__ = [
+    "attention",
+    "bias_dropout_residual_layer_norm",
+    "block_sparse_attention",
+    "bias_gelu",
+    "bias_gelu_linear",
+    "layer_norm",
+    "masked_softmax",
+]

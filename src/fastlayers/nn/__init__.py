@@ -1,1 +1,8 @@
-"""nn layer."""
+"""L3: nn.Modules that own parameters and call the functional ops."""
+
+from fastlayers.nn.sparse_self_attention import BertSparseSelfAttention, SparseSelfAttention
+from fastlayers.nn.transformer_layer import TransformerLayer
+
+DeepSpeedTransformerLayer = TransformerLayer
+
+__all__ = ["BertSparseSelfAttention", "DeepSpeedTransformerLayer", "SparseSelfAttention", "TransformerLayer"]

@@ -1,1 +1,19 @@
-"""reference layer."""
+"""L0: readable pure-PyTorch references, the oracle of every op (torch and stdlib only)."""
+
+from fastlayers.reference.activations import bias_gelu_linear_ref, bias_gelu_ref, gelu_ref
+from fastlayers.reference.attention import attention_ref
+from fastlayers.reference.block_sparse import block_sparse_attention_ref, layout_to_dense_mask
+from fastlayers.reference.norm import bias_dropout_residual_layer_norm_ref, layer_norm_ref
+from fastlayers.reference.softmax import masked_softmax_ref
+
+__all__ = [
+    "attention_ref",
+    "bias_dropout_residual_layer_norm_ref",
+    "bias_gelu_linear_ref",
+    "block_sparse_attention_ref",
+    "layout_to_dense_mask",
+    "bias_gelu_ref",
+    "gelu_ref",
+    "layer_norm_ref",
+    "masked_softmax_ref",
+]

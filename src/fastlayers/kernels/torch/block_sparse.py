@@ -6,10 +6,16 @@ Fixed window, say) are merged first into one entry of m query blocks. For each g
 key/value blocks are gathered with one `index_select` each, and one `F.scaled_dot_product_attention` call runs
 with the (entry × batch) pairs folded into SDPA's batch dims: queries (B, n, m·block, D) against keys
 (B, n, C·block, D), where C is the group's (padded) block count. Padding slots, masks and rpe enter as a
-small per-group mask of shape (·, n_rows, block|1, C·block). Rows of very different lengths (BigBird's global
+small per-group mask of shape (·, n, m·block|1, C·block). Rows of very different lengths (BigBird's global
 rows attend everything) fall into different groups, so nothing of size S×S is built. Rows that keep no block
-give zeros. Everything is composed of differentiable ops, so autograd gives the backward (SDPA's own backward
-for q, k, v; gather/scatter for rpe and the masks).
+give zeros.
+
+Two ways to run it:
+- `block_sparse_attention_fwd`: composed of differentiable ops (autograd gives the backward: SDPA's own for
+  q, k, v; gather/scatter for rpe and the masks). Any device; used when rpe or a mask needs its gradient.
+- `block_sparse_attention_cpu_fwd` / `_cpu_bwd`: CPU helpers around ATen's CPU flash-attention kernels, in
+  chunks of at most CHUNK_BYTES of gathered keys, writing outputs and gradients in place; they save only
+  out and the log-sum-exps (the gathers are redone in the backward). Biases are constants there.
 """
 
 from __future__ import annotations
@@ -261,10 +267,11 @@ def flash_cpu_available() -> bool:
     )
 
 
-# Each SDPA call of the CPU path handles at most about this many bytes of gathered keys. Small chunks stay in
-# the allocator's cache and in the CPU caches: one gather of a whole group (100+ MB at S=8192) mostly pays for
-# page faults of freshly mapped memory (measured 3x slower than a gather into reused memory).
-CHUNK_BYTES = 4 << 20
+# Each SDPA call of the CPU path handles at most about this many bytes of gathered keys. Chunks stay in the
+# allocator's cache (glibc maps blocks above its 32 MB maximum mmap threshold afresh each time): one gather of a
+# whole group (100+ MB at S=8192) mostly pays for page faults (measured ~3x slower than a gather into reused
+# memory). Much smaller chunks (1 MB) lose again: too many small parallel regions on a busy machine.
+CHUNK_BYTES = 16 << 20
 
 
 def _chunks(g: RowGroup, B: int, block: int, D: int, itemsize: int):
