@@ -27,6 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m ruff check src tests benchmarks examples
+	$(VPY) -m ruff format --check src tests benchmarks examples
 	TRITON_INTERPRET=1 $(VPY) -m pytest -n 2 -q tests $(PYTEST_ARGS)
 	$(VPY) -m benchmarks.smoke
 

@@ -26,7 +26,9 @@ def main() -> None:
     step("fastlayers check (CPU: torch backend vs reference)", fl + ["check"])
     step("fastlayers kernels (ahead-of-time compile, no GPU needed)", fl + ["kernels"])
     step("fastlayers bench all --quick", fl + ["bench", "all", "--quick", "--rounds", "1", "--reps", "2"])
-    step("HF BERT patched with fastlayers.integrations.hf.patch_bert", [sys.executable, str(HERE / "bert_patch_demo.py")])
+    step(
+        "HF BERT patched with fastlayers.integrations.hf.patch_bert", [sys.executable, str(HERE / "bert_patch_demo.py")]
+    )
     step("long-sequence block-sparse attention", [sys.executable, str(HERE / "sparse_long_sequence.py")])
     print("\ndemo finished")
 

@@ -48,7 +48,11 @@ def test_bench_plot(tmp_path, capsys):
 
 def test_kernels_table_via_console_entry_point():
     pytest.importorskip("triton")
-    out = subprocess.run([sys.executable, "-m", "fastlayers.cli", "kernels", "--archs", "80"],
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-m", "fastlayers.cli", "kernels", "--archs", "80"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "sm_80" in out.stdout and "0 failed or spilling" in out.stdout

@@ -51,14 +51,24 @@ def test_layers_import_only_to_their_left():
 
 
 def test_reference_imports_only_torch_and_stdlib():
-    allowed = {"torch", "math", "typing", "dataclasses", "functools", "collections", "itertools", "__future__",
-               "fastlayers"}
+    allowed = {
+        "torch",
+        "math",
+        "typing",
+        "dataclasses",
+        "functools",
+        "collections",
+        "itertools",
+        "__future__",
+        "fastlayers",
+    }
     bad = []
     for path in (SRC / "reference").rglob("*.py"):
         for mod, _, line in _imports(path):
             root = mod.split(".")[0]
-            if root not in allowed or (root == "fastlayers" and not mod.startswith("fastlayers.reference")
-                                       and mod != "fastlayers.utils"):
+            if root not in allowed or (
+                root == "fastlayers" and not mod.startswith("fastlayers.reference") and mod != "fastlayers.utils"
+            ):
                 bad.append(f"{path.relative_to(SRC)}:{line} imports {mod}")
     assert not bad, "\n".join(bad)
 

@@ -26,8 +26,15 @@ def _stats(out: torch.Tensor, ref: torch.Tensor) -> str:
     )
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None, kind: str = "fwd",
-                 atol: float | None = None, rtol: float | None = None, name: str = "") -> None:
+def assert_close(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    kind: str = "fwd",
+    atol: float | None = None,
+    rtol: float | None = None,
+    name: str = "",
+) -> None:
     """Elementwise closeness with the table's tolerances; prints max/mean errors on failure."""
     a, r = tol(dtype or out.dtype, kind)
     atol = a if atol is None else atol
@@ -38,8 +45,14 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None
     assert ok, f"{name}: not close (atol={atol}, rtol={rtol}): {_stats(out, ref)}"
 
 
-def assert_close_to_reference(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowprec: torch.Tensor,
-                              atol: float = 1e-5, factor: float = 2.0, name: str = "") -> None:
+def assert_close_to_reference(
+    out: torch.Tensor,
+    ref_fp32: torch.Tensor,
+    ref_lowprec: torch.Tensor,
+    atol: float = 1e-5,
+    factor: float = 2.0,
+    name: str = "",
+) -> None:
     """flash-attn's relative rule: max|out - ref32| <= factor * max|ref_low - ref32| + atol."""
     assert torch.isfinite(out).all(), f"{name}: non-finite values in output"
     err = (out.double() - ref_fp32.double()).abs().max().item()

@@ -28,7 +28,10 @@ def cmd_info(args) -> int:
     if is_triton_available():
         import triton
 
-        print(f"triton     {triton.__version__}" + ("  [TRITON_INTERPRET=1: interpreter on CPU]" if triton_interpret() else ""))
+        print(
+            f"triton     {triton.__version__}"
+            + ("  [TRITON_INTERPRET=1: interpreter on CPU]" if triton_interpret() else "")
+        )
     else:
         print("triton     not installed")
     for mod in ("transformers", "diffusers", "deepspeed"):
@@ -47,7 +50,9 @@ def cmd_info(args) -> int:
         print("  (no CUDA device)")
     print("backends by device:")
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        print(f"  {dev}: {', '.join(backends.available_backends(dev))} (priority {' -> '.join(backends.PRIORITY[dev])})")
+        print(
+            f"  {dev}: {', '.join(backends.available_backends(dev))} (priority {' -> '.join(backends.PRIORITY[dev])})"
+        )
     print("ops:")
     for op in backends.registered_ops():
         print(f"  {op:<34} {', '.join(sorted(backends.impls(op)))}")
@@ -96,8 +101,7 @@ def cmd_kernels(args) -> int:
 
 def cmd_bench(args) -> int:
     import fastlayers  # noqa: F401
-    from fastlayers.bench import BENCHES
-    from fastlayers.bench import harness
+    from fastlayers.bench import BENCHES, harness
 
     device = _device(args.device)
     names = list(BENCHES) if args.op == "all" else [args.op]
@@ -109,8 +113,7 @@ def cmd_bench(args) -> int:
     for n in names:
         mod = importlib.import_module(BENCHES[n])
         cases = mod.cases(quick=args.quick, device=device)
-        recs = harness.run(cases, rounds=args.rounds, reps=args.reps, progress=not args.json,
-                           device_type=device.type)
+        recs = harness.run(cases, rounds=args.rounds, reps=args.reps, progress=not args.json, device_type=device.type)
         records.extend(recs)
         if not args.json:
             print(f"\n== {n} ({device.type}, torch {torch.__version__}, {torch.get_num_threads()} threads)")

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 
-def saved_activation_bytes(fn: Callable[[], Any], exclude: tuple[torch.Tensor | torch.nn.Module, ...] = (),
-                           include_parameters: bool = False) -> int:
+def saved_activation_bytes(
+    fn: Callable[[], Any], exclude: tuple[torch.Tensor | torch.nn.Module, ...] = (), include_parameters: bool = False
+) -> int:
     """Run `fn()` and return the bytes of the distinct storages autograd saves for backward.
 
     Uses `torch.autograd.graph.saved_tensors_hooks`. Parameters (`nn.Parameter`) and the tensors in

@@ -69,7 +69,7 @@ def check_tensor(
         if t.dim() not in allowed:
             raise ValueError(f"{name} must have {' or '.join(map(str, allowed))} dims, got shape {tuple(t.shape)}")
     if shape is not None:
-        if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape, strict=True)):
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -86,9 +86,7 @@ def new_seed(generator: torch.Generator | None = None) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator).item())
 
 
-def keep_mask(
-    shape: tuple[int, ...], p: float, seed: int, device: torch.device | str, offset: int = 0
-) -> torch.Tensor:
+def keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device | str, offset: int = 0) -> torch.Tensor:
     """Deterministic Bernoulli keep-mask (True = keep, prob 1-p) from (seed, offset).
 
     The torch backends regenerate the same mask in backward from the same (seed, offset) instead of

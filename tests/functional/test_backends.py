@@ -14,11 +14,16 @@ def _double(x):
 @pytest.fixture(scope="module", autouse=True)
 def toy_op():
     backends.register(Impl("toy_double", "reference", "tests.functional.test_backends:_double"))
-    backends.register(Impl("toy_double", "torch", "tests.functional.test_backends:_double",
-                           dtypes=frozenset({torch.float32}),
-                           check=lambda x, **kw: ["x must be 2-D"] if x.dim() != 2 else []))
-    backends.register(Impl("toy_double", "triton", "tests.functional.test_backends:_double",
-                           supports_backward=False))
+    backends.register(
+        Impl(
+            "toy_double",
+            "torch",
+            "tests.functional.test_backends:_double",
+            dtypes=frozenset({torch.float32}),
+            check=lambda x, **kw: ["x must be 2-D"] if x.dim() != 2 else [],
+        )
+    )
+    backends.register(Impl("toy_double", "triton", "tests.functional.test_backends:_double", supports_backward=False))
     yield
     backends._REGISTRY.pop("toy_double")
 
@@ -84,8 +89,9 @@ def test_unknown_op_and_missing_backend(monkeypatch):
         with pytest.raises(NotImplementedError, match="has no 'triton' backend"):
             backends.select("toy_double", "triton", x=torch.randn(2, 2))
     finally:
-        backends.register(Impl("toy_double", "triton", "tests.functional.test_backends:_double",
-                               supports_backward=False))
+        backends.register(
+            Impl("toy_double", "triton", "tests.functional.test_backends:_double", supports_backward=False)
+        )
 
 
 def test_explain_shows_the_decision(monkeypatch):

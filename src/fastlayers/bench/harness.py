@@ -69,8 +69,15 @@ def _time_once(fn: Callable[[], Any], reps: int, device_type: str) -> float:
     return statistics.median(times)
 
 
-def run(cases: list[Case], *, rounds: int = 3, reps: int = 3, warmup: int = 1, progress: bool = True,
-        device_type: str = "cpu") -> list[Record]:
+def run(
+    cases: list[Case],
+    *,
+    rounds: int = 3,
+    reps: int = 3,
+    warmup: int = 1,
+    progress: bool = True,
+    device_type: str = "cpu",
+) -> list[Record]:
     bar = None
     if progress:
         try:
@@ -127,14 +134,20 @@ def format_table(records: list[Record]) -> str:
     head = ["case", "ours ms", "peer ms", "ours/peer", "peer", "GFLOP/s"] + extra_keys
     rows = []
     for r in records:
-        row = [r.name, f"{r.ours_ms:.2f}", f"{r.peer_ms:.2f}", f"{r.ratio:.3f}", r.peer,
-               "" if r.gflops is None else f"{r.gflops:.1f}"]
+        row = [
+            r.name,
+            f"{r.ours_ms:.2f}",
+            f"{r.peer_ms:.2f}",
+            f"{r.ratio:.3f}",
+            r.peer,
+            "" if r.gflops is None else f"{r.gflops:.1f}",
+        ]
         for k in extra_keys:
             v = r.extra.get(k, "")
             row.append(f"{v:.3f}" if isinstance(v, float) else str(v))
         rows.append(row)
     widths = [max(len(h), *(len(x[i]) for x in rows)) if rows else len(h) for i, h in enumerate(head)]
-    fmt = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    fmt = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([fmt(head), "-+-".join("-" * w for w in widths)] + [fmt(x) for x in rows])
 
 

@@ -153,8 +153,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 f"{r['shared_bytes']:>7}  {status}"
             )
         else:
-            lines.append(f"{r['kernel']:<58} {r['arch']:<6} {r['num_warps']:>5} {'-':>5} {'-':>6} {'-':>7}  "
-                         f"FAILED {r.get('error', '')}")
+            lines.append(
+                f"{r['kernel']:<58} {r['arch']:<6} {r['num_warps']:>5} {'-':>5} {'-':>6} {'-':>7}  "
+                f"FAILED {r.get('error', '')}"
+            )
     return "\n".join(lines)
 
 
