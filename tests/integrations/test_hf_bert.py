@@ -184,10 +184,14 @@ def test_patch_keeps_train_mode_dtype_and_dropout_follows_torch_seed():
     assert patch_bert(model) == 0  # nothing left to replace
 
 
-def test_patch_refuses_hf_gradient_checkpointing():
+def test_patch_refuses_hf_gradient_checkpointing_and_flex_attention():
     model = transformers.BertModel(bert_config(32, 2, layers=1))
     model.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match="gradient checkpointing"):
+        patch_bert(model)
+    model = transformers.BertModel(bert_config(32, 2, layers=1))
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="BlockMask"):
         patch_bert(model)
 
 

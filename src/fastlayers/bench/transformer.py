@@ -64,11 +64,15 @@ def _step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable
     return fn
 
 
-def _median_ms(fn: Callable[[], object], reps: int) -> float:
+def _median_ms(fn: Callable[[], object], reps: int, device: torch.device) -> float:
     times = []
     for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
@@ -87,9 +91,9 @@ def _gemm_rate(
     ours()  # warm-up (the harness's own warm-up comes after setup)
     rates, shares = [], []
     for _ in range(rounds):
-        before = _median_ms(gemm, 3)
-        layer_ms = _median_ms(ours, 1)
-        after = _median_ms(gemm, 3)
+        before = _median_ms(gemm, 3, device)
+        layer_ms = _median_ms(ours, 1, device)
+        after = _median_ms(gemm, 3, device)
         rate = gemm_flops / ((before + after) / 2) / 1e6
         rates.append(rate)
         shares.append(flops / layer_ms / 1e6 / rate)

@@ -75,27 +75,46 @@ def _triton_reasons(q=None, block=None, **inputs) -> list[str]:
 
 
 class BlockSparseAttentionTorchFunction(torch.autograd.Function):
-    """CPU fast path: ATen's CPU flash kernels per row group, gradients written in place (masks, rpe constant)."""
+    """CPU fast path: ATen's CPU flash kernels, gradients written in place (masks, rpe constant).
+
+    Two plans (documented dispatch, same maths): without rpe and masks, a layout whose diagonal band holds a fair
+    share of the kept blocks (BigBird, sliding windows) runs the band path (`band_attention_cpu_fwd`: strided
+    K/V views for the band, full rows, global columns, the rest grouped; merged through log-sum-exps); any
+    other input runs the grouped path (`block_sparse_attention_cpu_fwd`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, layout, block, scale, rpe, kpm, am):
-        from fastlayers.kernels.torch.block_sparse import block_sparse_attention_cpu_fwd, get_plan
+        from fastlayers.kernels.torch import block_sparse as kt
 
-        plan = get_plan(layout, q.device)
-        out, lses = block_sparse_attention_cpu_fwd(q, k, v, plan, block, scale, rpe, kpm, am)
-        if any(t.requires_grad for t in (q, k, v)):
+        needs_grad = any(t.requires_grad for t in (q, k, v))
+        band = None
+        if rpe is None and kpm is None and am is None:
+            band = kt.get_band_plan(layout, q.device)
+        if band is not None:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            out, lse = kt.band_attention_cpu_fwd(q, k, v, band, block, scale)
+            lses, plan = [lse], band
+        else:
+            plan = kt.get_plan(layout, q.device)
+            out, lses = kt.block_sparse_attention_cpu_fwd(q, k, v, plan, block, scale, rpe, kpm, am)
+        if needs_grad:
             ctx.save_for_backward(q, k, v, out, rpe, kpm, am, *lses)
-            ctx.plan, ctx.block, ctx.scale = plan, block, scale
+            ctx.plan, ctx.block, ctx.scale, ctx.band = plan, block, scale, band is not None
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        from fastlayers.kernels.torch.block_sparse import block_sparse_attention_cpu_bwd
+        from fastlayers.kernels.torch import block_sparse as kt
 
         q, k, v, out, rpe, kpm, am, *lses = ctx.saved_tensors
-        dq, dk, dv = block_sparse_attention_cpu_bwd(
-            dout.contiguous(), q, k, v, out, lses, ctx.plan, ctx.block, ctx.scale, rpe, kpm, am
-        )
+        if ctx.band:
+            dq, dk, dv = kt.band_attention_cpu_bwd(
+                dout.contiguous(), q, k, v, out, lses[0], ctx.plan, ctx.block, ctx.scale
+            )
+        else:
+            dq, dk, dv = kt.block_sparse_attention_cpu_bwd(
+                dout.contiguous(), q, k, v, out, lses, ctx.plan, ctx.block, ctx.scale, rpe, kpm, am
+            )
         return dq, dk, dv, None, None, None, None, None, None  # layout, block, scale, rpe, kpm, am
 
 

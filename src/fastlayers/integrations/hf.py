@@ -129,6 +129,11 @@ def transformer_layer_from_bert(
 ) -> TransformerLayer:
     """A `TransformerLayer` with the weights, device, dtype and train/eval mode of one HF `BertLayer`."""
     cfg = hf_config if hf_config is not None else hf_layer.attention.self.config
+    if getattr(cfg, "_attn_implementation", None) == "flex_attention":
+        raise ValueError(
+            "attn_implementation='flex_attention' hands layers a BlockMask; patch a model built with "
+            "'eager', 'sdpa' or 'flash_attention_2' (their masks are tensors TransformerLayer reads)"
+        )
     if getattr(hf_layer, "gradient_checkpointing", False):
         raise ValueError(
             "this BERT layer has HF gradient checkpointing enabled, which TransformerLayer does not do; "

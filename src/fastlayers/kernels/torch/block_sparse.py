@@ -330,15 +330,20 @@ def block_sparse_attention_cpu_fwd(
 
 
 def block_sparse_attention_cpu_bwd(
-    dout, q, k, v, out, lses, plan: BlockSparsePlan, block: int, scale: float, rpe=None, kpm=None, am=None
+    dout, q, k, v, out, lses, plan: BlockSparsePlan, block: int, scale: float, rpe=None, kpm=None, am=None, grads=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward on CPU: dq, dk, dv (B, H, S, D) from the saved out and log-sum-exps (gathers are redone)."""
+    """Backward on CPU: dq, dk, dv (B, H, S, D) from the saved out and log-sum-exps (gathers are redone).
+
+    `grads`: optional contiguous (dq, dk, dv) accumulators (B, H, S, D) to add into (and return)."""
     B, H, S, D = q.shape
     nb = S // block
     qb, kb, vb, ob, dob = (t.reshape(B, H * nb, block * D) for t in (q, k, v, out, dout))
-    dq = q.new_zeros(B, H * nb, block * D) if plan.num_empty else q.new_empty(B, H * nb, block * D)
-    dk = k.new_zeros(B, H * nb, block * D)
-    dv = v.new_zeros(B, H * nb, block * D)
+    if grads is not None:
+        dq, dk, dv = (t.view(B, H * nb, block * D) for t in grads)
+    else:
+        dq = q.new_zeros(B, H * nb, block * D) if plan.num_empty else q.new_empty(B, H * nb, block * D)
+        dk = k.new_zeros(B, H * nb, block * D)
+        dv = v.new_zeros(B, H * nb, block * D)
     chunks = (c for grp in plan.groups for c in _chunks(grp, B, block, D, q.element_size()))
     for g, lse in zip(chunks, lses, strict=True):
         qg, kg, vg = _gather(g, qb, kb, vb, B, block, D)
@@ -348,7 +353,223 @@ def block_sparse_attention_cpu_bwd(
         gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dog, qg, kg, vg, og, lse, 0.0, False, attn_mask=bias, scale=scale
         )
-        dq.index_copy_(1, g.rows, gq.reshape(B, -1, block * D))  # every row belongs to one group
+        if grads is not None:
+            dq.index_add_(1, g.rows, gq.reshape(B, -1, block * D))
+        else:
+            dq.index_copy_(1, g.rows, gq.reshape(B, -1, block * D))  # every row belongs to one group
         dk.index_add_(1, g.kv_flat, gk.reshape(B, -1, block * D))
         dv.index_add_(1, g.kv_flat, gv.reshape(B, -1, block * D))
     return dq.view(B, H, S, D), dk.view(B, H, S, D), dv.view(B, H, S, D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU band path (no rpe / masks): the layout is split into disjoint parts that need (almost) no gather, each part
+# runs ATen's CPU flash kernel and the partial results are merged through their log-sum-exps:
+#   lse = log Σ_i exp(lse_i),  out = Σ_i exp(lse_i − lse)·out_i.
+# - band: a diagonal band [i−wl, i+wr] kept in every row of every head (clipped at the edges). Interior query
+#   blocks attend an overlapping strided view of K/V ((wl+wr+1)·block keys starting at block i−wl): no copy.
+#   The wl + wr edge rows run one small call each over all heads (their clipped window is a plain slice).
+# - full rows (kept in every head, e.g. BigBird's global rows): those query blocks against all of K/V (a view),
+#   with a small (rows·block, S) mask removing the band blocks.
+# - global columns (kept in every row of every head, e.g. BigBird's global columns): all queries (a view) against
+#   the few gathered column blocks, with a small (S, cols·block) mask removing what band / full rows cover.
+# - the rest (random blocks, per-head differences): the grouped path above, on the layout of what is left.
+# The backward reuses the same parts: each part's flash backward called with the *final* out and lse gives its
+# exact share of dq, dk, dv (p = exp(s − lse), delta = rowsum(dO·O) are the global ones).
+# Memory: every part's temporaries are linear in the kept blocks (no S×S tensor).
+# ----------------------------------------------------------------------------------------------------------------
+
+# Use the band path only when the band holds at least this share of the kept blocks.
+BAND_MIN_SHARE = 0.25
+
+
+@dataclass
+class BandPlan:
+    """Disjoint parts of a layout for the CPU band path (see above)."""
+
+    num_blocks: int
+    wl: int  # band: blocks i−wl .. i+wr of row i (clipped to [0, nb))
+    wr: int
+    full_rows: torch.Tensor | None  # (nf,) query blocks kept in full in every head
+    full_bias: torch.Tensor | None  # (nf, nb) bool: True where the band already covers the block (masked out)
+    gcols: torch.Tensor | None  # (ng,) key blocks kept in every row of every head
+    gcol_bias: torch.Tensor | None  # (nb, ng) bool: True where band / full rows already cover the block
+    gcol_empty: torch.Tensor | None  # (nb,) bool: rows where every global column is covered elsewhere
+    rest: BlockSparsePlan | None  # the remaining blocks
+
+
+def _band_width(keep: torch.Tensor, sign: int) -> int:
+    """Largest w such that diagonals ±1..±w (sign) are kept in every head."""
+    nb = keep.shape[-1]
+    w = 0
+    while w + 1 < nb and bool(torch.diagonal(keep, offset=sign * (w + 1), dim1=1, dim2=2).all()):
+        w += 1
+    return w
+
+
+def build_band_plan(layout: torch.Tensor, device: torch.device) -> BandPlan | None:
+    """Split `layout` into band / full rows / global columns / rest; None when it has no band worth it."""
+    keep = layout.detach().to("cpu") != 0  # (H, nb, nb)
+    H, nb, _ = keep.shape
+    if not bool(torch.diagonal(keep, dim1=1, dim2=2).all()):
+        return None
+    wl, wr = _band_width(keep, -1), _band_width(keep, 1)
+    i = torch.arange(nb)
+    diff = i[None, :] - i[:, None]  # j − i
+    cov = (diff >= -wl) & (diff <= wr)  # (nb, nb), kept in every head
+    kept = int(keep.sum())
+    if H * int(cov.sum()) < BAND_MIN_SHARE * kept:
+        return None
+    all_heads = keep.all(0)  # (nb, nb)
+    full = torch.nonzero(all_heads.all(1) & ~cov.all(1)).flatten()
+    cov2 = cov.clone()
+    cov2[full] = True
+    gcols = torch.nonzero(all_heads.all(0) & ~cov2.all(0)).flatten()
+    cov3 = cov2.clone()
+    cov3[:, gcols] = True
+    rest = keep & ~cov3
+    return BandPlan(
+        num_blocks=nb,
+        wl=wl,
+        wr=wr,
+        full_rows=full.to(device) if full.numel() else None,
+        full_bias=cov[full].to(device) if full.numel() else None,
+        gcols=gcols.to(device) if gcols.numel() else None,
+        gcol_bias=cov2[:, gcols].to(device) if gcols.numel() else None,
+        gcol_empty=cov2[:, gcols].all(1).to(device) if gcols.numel() else None,
+        rest=build_plan(rest, device) if bool(rest.any()) else None,
+    )
+
+
+_BAND_PLANS: OrderedDict = OrderedDict()
+
+
+def get_band_plan(layout: torch.Tensor, device: torch.device) -> BandPlan | None:
+    """`build_band_plan`, cached per layout like `get_plan`."""
+    key = (layout.data_ptr(), tuple(layout.shape), layout.dtype, layout.device, torch.device(device))
+    hit = _BAND_PLANS.get(key)
+    if hit is not None and torch.equal(hit[0], layout):
+        _BAND_PLANS.move_to_end(key)
+        return hit[1]
+    plan = build_band_plan(layout, torch.device(device))
+    _BAND_PLANS[key] = (layout.detach().clone(), plan)
+    if len(_BAND_PLANS) > _CACHE_SIZE:
+        _BAND_PLANS.popitem(last=False)
+    return plan
+
+
+def _token_bias(blocked: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """(r, c) bool (True = masked) -> additive (1, 1, r·block, c·block) mask in `dtype`."""
+    r, c = blocked.shape
+    m = blocked[:, None, :, None].expand(r, block, c, block).reshape(1, 1, r * block, c * block)
+    zero = torch.zeros((), dtype=dtype, device=blocked.device)
+    return torch.where(m, torch.full((), float("-inf"), dtype=dtype, device=blocked.device), zero)
+
+
+def _band_parts(q, k, v, bp: BandPlan, block: int, dtype: torch.dtype):
+    """Yield (kind, token selector, q, k, v, mask) of every part but the rest; the tensors are views or small
+    gathers. Selector: a slice of S or a 1-D token index; kind says how k/v gradients go back (see _band_bwd)."""
+    B, H, S, D = q.shape
+    nb, wl, wr = bp.num_blocks, bp.wl, bp.wr
+    L = wl + wr + 1
+    nw = nb - wl - wr
+    if nw > 0:
+        sel = slice(wl * block, (wl + nw) * block)
+        qi = q[:, :, sel].reshape(B * H, nw, block, D)
+        # k, v are contiguous (B, H, S, D): window w starts at block w (= query block w + wl, minus wl)
+        kw, vw = (t.as_strided((B * H, nw, L * block, D), (S * D, block * D, D, 1)) for t in (k, v))
+        yield "band", sel, qi, kw, vw, None
+    for i in [*range(min(wl, nb)), *range(max(wl, nb - wr, 0), nb)]:
+        lo, hi = max(0, i - wl), min(nb, i + wr + 1)
+        sel = slice(i * block, (i + 1) * block)
+        ks = slice(lo * block, hi * block)
+        yield ("edge", ks), sel, q[:, :, sel], k[:, :, ks], v[:, :, ks], None
+    if bp.full_rows is not None:
+        tok = (bp.full_rows[:, None] * block + torch.arange(block, device=q.device)).reshape(-1)
+        yield "full", tok, q.index_select(2, tok), k, v, _token_bias(bp.full_bias, block, dtype)
+    if bp.gcols is not None:
+        tok = (bp.gcols[:, None] * block + torch.arange(block, device=q.device)).reshape(-1)
+        kg, vg = k.index_select(2, tok), v.index_select(2, tok)
+        yield ("gcol", tok), slice(0, S), q, kg, vg, _token_bias(bp.gcol_bias, block, dtype)
+
+
+def band_attention_cpu_fwd(q, k, v, bp: BandPlan, block: int, scale: float):
+    """Forward of the band path: out (B, H, S, D) and the merged lse (B, H, S) (+inf on rows with no key, so that
+    exp(s − lse) = 0 there in the backward)."""
+    B, H, S, D = q.shape
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    parts = []
+    for kind, sel, qp, kp, vp, mask in _band_parts(q, k, v, bp, block, q.dtype):
+        o, lse = flash(qp, kp, vp, 0.0, False, attn_mask=mask, scale=scale)
+        o, lse = o.reshape(B, H, -1, D), lse.reshape(B, H, -1)
+        if kind[0] == "gcol" and bp.gcol_empty is not None and bool(bp.gcol_empty.any()):
+            empty = bp.gcol_empty[:, None].expand(-1, block).reshape(S)  # flash gives lse 0 there
+            lse = lse.masked_fill(empty, float("-inf"))
+        parts.append((sel, o, lse))
+    if bp.rest is not None:
+        o, lses = block_sparse_attention_cpu_fwd(q, k, v, bp.rest, block, scale)
+        lse = lses[0].new_full((B, H * bp.num_blocks, block), float("-inf"))
+        chunks = (c for grp in bp.rest.groups for c in _chunks(grp, B, block, D, q.element_size()))
+        for g, lg in zip(chunks, lses, strict=True):
+            lse.index_copy_(1, g.rows, lg.reshape(B, -1, block))
+        parts.append((slice(0, S), o, lse.view(B, H, S)))
+    lse_all = torch.full((B, H, S), float("-inf"), dtype=parts[0][2].dtype, device=q.device)
+    for sel, _, lse in parts:
+        if isinstance(sel, slice):
+            torch.logaddexp(lse_all[:, :, sel], lse, out=lse_all[:, :, sel])
+        else:
+            lse_all[:, :, sel] = torch.logaddexp(lse_all[:, :, sel], lse)
+    lse_all.masked_fill_(lse_all == float("-inf"), float("inf"))
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    out = torch.zeros(B, H, S, D, dtype=acc_dtype, device=q.device)
+    for sel, o, lse in parts:
+        if isinstance(sel, slice):
+            w = torch.exp(lse - lse_all[:, :, sel]).unsqueeze(-1)
+            out[:, :, sel].addcmul_(o, w)
+        else:
+            w = torch.exp(lse - lse_all[:, :, sel]).unsqueeze(-1)
+            out.index_add_(2, sel, o * w)
+    return out.to(q.dtype), lse_all
+
+
+def band_attention_cpu_bwd(dout, q, k, v, out, lse, bp: BandPlan, block: int, scale: float):
+    """Backward of the band path: every part's flash backward with the final out and lse, summed in place."""
+    B, H, S, D = q.shape
+    nb, wl, wr = bp.num_blocks, bp.wl, bp.wr
+    flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    dq, dk, dv = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    for kind, sel, qp, kp, vp, mask in _band_parts(q, k, v, bp, block, q.dtype):
+        if isinstance(sel, slice):
+            op, dop, lp = out[:, :, sel], dout[:, :, sel], lse[:, :, sel]
+        else:
+            op, dop, lp = out.index_select(2, sel), dout.index_select(2, sel), lse.index_select(2, sel)
+        op, dop, lp = op.reshape(qp.shape), dop.reshape(qp.shape), lp.reshape(qp.shape[:-1]).contiguous()
+        gq, gk, gv = flash_bwd(dop, qp, kp, vp, op, lp, 0.0, False, attn_mask=mask, scale=scale)
+        if isinstance(sel, slice):
+            dq[:, :, sel] += gq.reshape(B, H, -1, D)
+        else:
+            dq.index_add_(2, sel, gq.reshape(B, H, -1, D))
+        if kind == "band":
+            nw, L = nb - wl - wr, wl + wr + 1
+            dkb, dvb = dk.view(B * H, nb, block, D), dv.view(B * H, nb, block, D)
+            gk, gv = gk.view(B * H, nw, L, block, D), gv.view(B * H, nw, L, block, D)
+            for o in range(L):  # window w, slot o holds key block w + o
+                dkb[:, o : o + nw] += gk[:, :, o]
+                dvb[:, o : o + nw] += gv[:, :, o]
+        elif kind == "full":
+            dk += gk
+            dv += gv
+        elif kind[0] == "edge":
+            dk[:, :, kind[1]] += gk
+            dv[:, :, kind[1]] += gv
+        else:  # global columns
+            dk.index_add_(2, kind[1], gk)
+            dv.index_add_(2, kind[1], gv)
+    if bp.rest is not None:
+        lses = [
+            lse.reshape(B, H * nb, block).index_select(1, g.rows).reshape(B, g.qblocks.shape[0], -1)
+            for grp in bp.rest.groups
+            for g in _chunks(grp, B, block, D, q.element_size())
+        ]
+        block_sparse_attention_cpu_bwd(dout, q, k, v, out, lses, bp.rest, block, scale, grads=(dq, dk, dv))
+    return dq, dk, dv
