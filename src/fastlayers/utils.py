@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import importlib.util
 import os
 
@@ -92,8 +93,20 @@ def keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device 
     The torch backends regenerate the same mask in backward from the same (seed, offset) instead of
     storing it. The Triton backends use `tl.rand(seed, offsets)`, a different stream: the masks differ
     across backends, never within one.
+
+    Speed: torch's CPU generator is sequential and `torch.rand` spends ~20 ns per float, which made mask
+    generation a large share of a training step. So one 64-bit draw gives three 16-bit uniforms (bits 0-47;
+    `random_()` leaves bit 63 at zero, so the top lane is not used), about 3x faster. The drop probability is
+    therefore quantized to 1/65536 (p = 0.1 drops with probability 6554/65536 = 0.100006).
     """
     device = torch.device(device)
     g = torch.Generator(device=device)
     g.manual_seed((int(seed) + 0x9E3779B97F4A7C15 * int(offset)) % (2**63))
-    return torch.rand(shape, generator=g, device=device) >= p
+    n = math.prod(shape)
+    words = torch.empty(cdiv(n, 3), dtype=torch.int64, device=device).random_(generator=g)
+    lanes = words.view(torch.int16).view(-1, 4)[:, :3]  # three uniform int16 lanes per draw
+    threshold = round(p * 65536) - 32768  # keep iff the unsigned 16-bit value >= round(p * 65536)
+    keep = (lanes >= threshold).reshape(-1)
+    if keep.numel() != n:  # drop the padding lanes so a saved mask holds exactly n bytes
+        keep = keep[:n].clone()
+    return keep.view(shape)

@@ -363,24 +363,26 @@ def block_sparse_attention_cpu_bwd(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CPU band path (no rpe / masks): the layout is split into disjoint parts that need (almost) no gather, each part
+# CPU band path (no rpe / masks): the layout is split into disjoint parts that need little or no gather; each part
 # runs ATen's CPU flash kernel and the partial results are merged through their log-sum-exps:
 #   lse = log Σ_i exp(lse_i),  out = Σ_i exp(lse_i − lse)·out_i.
 # - band: a diagonal band [i−wl, i+wr] kept in every row of every head (clipped at the edges). Interior query
 #   blocks attend an overlapping strided view of K/V ((wl+wr+1)·block keys starting at block i−wl): no copy.
 #   The wl + wr edge rows run one small call each over all heads (their clipped window is a plain slice).
-# - full rows (kept in every head, e.g. BigBird's global rows): those query blocks against all of K/V (a view),
-#   with a small (rows·block, S) mask removing the band blocks.
-# - global columns (kept in every row of every head, e.g. BigBird's global columns): all queries (a view) against
-#   the few gathered column blocks, with a small (S, cols·block) mask removing what band / full rows cover.
-# - the rest (random blocks, per-head differences): the grouped path above, on the layout of what is left.
+# - full rows (kept in every head, e.g. BigBird's global rows): the key blocks left and right of the band, as
+#   two slices of K/V (no copy, no mask).
+# - extra: every other kept block (global columns, random blocks, per-head differences). When each row keeps about
+#   the same number E of them, all query blocks (a view of q) run one call against their E gathered key blocks
+#   (padding slots masked); otherwise they run the grouped path above on the layout of what is left.
 # The backward reuses the same parts: each part's flash backward called with the *final* out and lse gives its
-# exact share of dq, dk, dv (p = exp(s − lse), delta = rowsum(dO·O) are the global ones).
+# exact share of dq, dk, dv (p = exp(s − lse) and delta = rowsum(dO·O) are the global ones).
 # Memory: every part's temporaries are linear in the kept blocks (no S×S tensor).
 # ----------------------------------------------------------------------------------------------------------------
 
 # Use the band path only when the band holds at least this share of the kept blocks.
 BAND_MIN_SHARE = 0.25
+# Run the extra blocks as one padded call when the kept ones fill at least this share of the E slots of all rows.
+EXTRA_MIN_FILL = 0.5
 
 
 @dataclass
@@ -390,16 +392,16 @@ class BandPlan:
     num_blocks: int
     wl: int  # band: blocks i−wl .. i+wr of row i (clipped to [0, nb))
     wr: int
-    full_rows: torch.Tensor | None  # (nf,) query blocks kept in full in every head
-    full_bias: torch.Tensor | None  # (nf, nb) bool: True where the band already covers the block (masked out)
-    gcols: torch.Tensor | None  # (ng,) key blocks kept in every row of every head
-    gcol_bias: torch.Tensor | None  # (nb, ng) bool: True where band / full rows already cover the block
-    gcol_empty: torch.Tensor | None  # (nb,) bool: rows where every global column is covered elsewhere
-    rest: BlockSparsePlan | None  # the remaining blocks
+    full_rows: list[int]  # query blocks kept in full in every head
+    extra_width: int  # E: extra key blocks per query block (0: none, or they run the grouped `rest` plan)
+    extra_cols: torch.Tensor | None  # (H, nb, E) key blocks j of the extra slots (padding slots point at block i)
+    extra_valid: torch.Tensor | None  # (H, nb, E) bool, None when every slot is a kept block
+    extra_empty: torch.Tensor | None  # (H, nb) bool: rows with no extra block (None when there are none)
+    rest: BlockSparsePlan | None  # the extra blocks as a grouped plan, when they are too uneven for one call
 
 
 def _band_width(keep: torch.Tensor, sign: int) -> int:
-    """Largest w such that diagonals ±1..±w (sign) are kept in every head."""
+    """Largest w such that the diagonals sign·1 .. sign·w are kept in every row of every head."""
     nb = keep.shape[-1]
     w = 0
     while w + 1 < nb and bool(torch.diagonal(keep, offset=sign * (w + 1), dim1=1, dim2=2).all()):
@@ -408,7 +410,7 @@ def _band_width(keep: torch.Tensor, sign: int) -> int:
 
 
 def build_band_plan(layout: torch.Tensor, device: torch.device) -> BandPlan | None:
-    """Split `layout` into band / full rows / global columns / rest; None when it has no band worth it."""
+    """Split `layout` into band / full rows / extra blocks; None when it has no band holding BAND_MIN_SHARE."""
     keep = layout.detach().to("cpu") != 0  # (H, nb, nb)
     H, nb, _ = keep.shape
     if not bool(torch.diagonal(keep, dim1=1, dim2=2).all()):
@@ -416,29 +418,30 @@ def build_band_plan(layout: torch.Tensor, device: torch.device) -> BandPlan | No
     wl, wr = _band_width(keep, -1), _band_width(keep, 1)
     i = torch.arange(nb)
     diff = i[None, :] - i[:, None]  # j − i
-    cov = (diff >= -wl) & (diff <= wr)  # (nb, nb), kept in every head
-    kept = int(keep.sum())
-    if H * int(cov.sum()) < BAND_MIN_SHARE * kept:
+    cov = (diff >= -wl) & (diff <= wr)  # (nb, nb) band, kept in every head
+    if H * int(cov.sum()) < BAND_MIN_SHARE * int(keep.sum()):
         return None
-    all_heads = keep.all(0)  # (nb, nb)
-    full = torch.nonzero(all_heads.all(1) & ~cov.all(1)).flatten()
-    cov2 = cov.clone()
-    cov2[full] = True
-    gcols = torch.nonzero(all_heads.all(0) & ~cov2.all(0)).flatten()
-    cov3 = cov2.clone()
-    cov3[:, gcols] = True
-    rest = keep & ~cov3
-    return BandPlan(
-        num_blocks=nb,
-        wl=wl,
-        wr=wr,
-        full_rows=full.to(device) if full.numel() else None,
-        full_bias=cov[full].to(device) if full.numel() else None,
-        gcols=gcols.to(device) if gcols.numel() else None,
-        gcol_bias=cov2[:, gcols].to(device) if gcols.numel() else None,
-        gcol_empty=cov2[:, gcols].all(1).to(device) if gcols.numel() else None,
-        rest=build_plan(rest, device) if bool(rest.any()) else None,
-    )
+    full = keep.all(0).all(1) & ~cov.all(1)  # (nb,) rows kept in full in every head, beyond the band
+    covered = cov.clone()
+    covered[full] = True
+    extra = keep & ~covered  # (H, nb, nb)
+    counts = extra.sum(-1)  # (H, nb)
+    E = int(counts.max())
+    plan = BandPlan(nb, wl, wr, torch.nonzero(full).flatten().tolist(), 0, None, None, None, None)
+    if E == 0:
+        return plan
+    if int(counts.sum()) < EXTRA_MIN_FILL * H * nb * E:
+        plan.rest = build_plan(extra, device)
+        return plan
+    # kept columns first (increasing), then the rest: sort by (not kept, column); padding slots -> block i
+    order = torch.argsort((~extra).to(torch.int64) * nb + i, dim=-1, stable=True)[..., :E]  # (H, nb, E)
+    valid = torch.arange(E)[None, None, :] < counts[..., None]
+    cols = torch.where(valid, order, i[None, :, None])
+    plan.extra_width = E
+    plan.extra_cols = cols.to(device)
+    plan.extra_valid = None if bool(valid.all()) else valid.to(device)
+    plan.extra_empty = (counts == 0).to(device) if bool((counts == 0).any()) else None
+    return plan
 
 
 _BAND_PLANS: OrderedDict = OrderedDict()
@@ -458,113 +461,139 @@ def get_band_plan(layout: torch.Tensor, device: torch.device) -> BandPlan | None
     return plan
 
 
-def _token_bias(blocked: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
-    """(r, c) bool (True = masked) -> additive (1, 1, r·block, c·block) mask in `dtype`."""
-    r, c = blocked.shape
-    m = blocked[:, None, :, None].expand(r, block, c, block).reshape(1, 1, r * block, c * block)
-    zero = torch.zeros((), dtype=dtype, device=blocked.device)
-    return torch.where(m, torch.full((), float("-inf"), dtype=dtype, device=blocked.device), zero)
+# Heads (B·H slices) per step of the band path: about this many bytes of q, so that a step's outputs, gathers and
+# gradients stay in cache while its partial results are merged (whole-tensor passes cost ~4 GB/s here).
+BAND_STEP_BYTES = 4 << 20
 
 
-def _band_parts(q, k, v, bp: BandPlan, block: int, dtype: torch.dtype):
-    """Yield (kind, token selector, q, k, v, mask) of every part but the rest; the tensors are views or small
-    gathers. Selector: a slice of S or a 1-D token index; kind says how k/v gradients go back (see _band_bwd)."""
-    B, H, S, D = q.shape
+def _band_parts(q3, k3, v3, bp: BandPlan, block: int, H: int, c0: int, c1: int):
+    """Yield (kv_kind, rows, q, k, v, mask, empty) for every flash call of the band path (but the grouped rest) on
+    the B·H slices c0:c1 of q3, k3, v3 (B·H, S, D), contiguous.
+
+    rows: the slice of S the call's queries are; q/k/v: 4-D views of the inputs or (extra) a gather; kv_kind: how
+    its key gradients go back: "band" (overlapping windows), a slice of S, or "extra" (with the gathered flat
+    block ids); mask: additive flash mask or None; empty: (c, M) bool of rows with no key in this call, or None."""
+    BH, S, D = q3.shape
+    c = c1 - c0
     nb, wl, wr = bp.num_blocks, bp.wl, bp.wr
     L = wl + wr + 1
     nw = nb - wl - wr
+    qc, kc, vc = q3[c0:c1], k3[c0:c1], v3[c0:c1]
     if nw > 0:
-        sel = slice(wl * block, (wl + nw) * block)
-        qi = q[:, :, sel].reshape(B * H, nw, block, D)
-        # k, v are contiguous (B, H, S, D): window w starts at block w (= query block w + wl, minus wl)
-        kw, vw = (t.as_strided((B * H, nw, L * block, D), (S * D, block * D, D, 1)) for t in (k, v))
-        yield "band", sel, qi, kw, vw, None
-    for i in [*range(min(wl, nb)), *range(max(wl, nb - wr, 0), nb)]:
+        rows = slice(wl * block, (wl + nw) * block)
+        qi = qc[:, rows].view(c, nw, block, D)
+        # window w covers key blocks w .. w+L−1 (query block w + wl); overlapping strided views, no copy
+        kw, vw = (t.as_strided((c, nw, L * block, D), (S * D, block * D, D, 1)) for t in (kc, vc))
+        yield "band", rows, qi, kw, vw, None, None
+    edges = [*range(min(wl, nb)), *range(max(wl, nb - wr), nb)]
+    for i in edges:
         lo, hi = max(0, i - wl), min(nb, i + wr + 1)
-        sel = slice(i * block, (i + 1) * block)
-        ks = slice(lo * block, hi * block)
-        yield ("edge", ks), sel, q[:, :, sel], k[:, :, ks], v[:, :, ks], None
-    if bp.full_rows is not None:
-        tok = (bp.full_rows[:, None] * block + torch.arange(block, device=q.device)).reshape(-1)
-        yield "full", tok, q.index_select(2, tok), k, v, _token_bias(bp.full_bias, block, dtype)
-    if bp.gcols is not None:
-        tok = (bp.gcols[:, None] * block + torch.arange(block, device=q.device)).reshape(-1)
-        kg, vg = k.index_select(2, tok), v.index_select(2, tok)
-        yield ("gcol", tok), slice(0, S), q, kg, vg, _token_bias(bp.gcol_bias, block, dtype)
+        rows, ks = slice(i * block, (i + 1) * block), slice(lo * block, hi * block)
+        yield ks, rows, qc[:, None, rows], kc[:, None, ks], vc[:, None, ks], None, None
+    for i in bp.full_rows:
+        rows = slice(i * block, (i + 1) * block)
+        for ks in (slice(0, max(0, i - wl) * block), slice(min(nb, i + wr + 1) * block, S)):
+            if ks.stop > ks.start:
+                yield ks, rows, qc[:, None, rows], kc[:, None, ks], vc[:, None, ks], None, None
+    if bp.extra_width:
+        E = bp.extra_width
+        bh = torch.arange(c0, c1, device=q3.device)
+        ids = (bh[:, None, None] * nb + bp.extra_cols[bh % H]).reshape(-1)  # (c·nb·E,) flat key-block ids
+        kx, vx = (t.view(BH * nb, block * D).index_select(0, ids).view(c, nb, E * block, D) for t in (k3, v3))
+        mask = empty = None
+        if bp.extra_valid is not None:
+            valid = bp.extra_valid[bh % H]  # (c, nb, E)
+            valid = valid[:, :, None, :, None].expand(c, nb, 1, E, block).reshape(c, nb, 1, E * block)
+            zero = torch.zeros((), dtype=q3.dtype, device=q3.device)
+            mask = torch.where(valid, zero, torch.full((), float("-inf"), dtype=q3.dtype, device=q3.device))
+        if bp.extra_empty is not None:
+            empty = bp.extra_empty[bh % H][:, :, None].expand(c, nb, block).reshape(c, S)
+        yield ("extra", ids), slice(0, S), qc.view(c, nb, block, D), kx, vx, mask, empty
+
+
+def _band_steps(BH: int, S: int, D: int, itemsize: int):
+    step = max(1, BAND_STEP_BYTES // (S * D * itemsize))
+    return [(c0, min(BH, c0 + step)) for c0 in range(0, BH, step)]
 
 
 def band_attention_cpu_fwd(q, k, v, bp: BandPlan, block: int, scale: float):
-    """Forward of the band path: out (B, H, S, D) and the merged lse (B, H, S) (+inf on rows with no key, so that
-    exp(s − lse) = 0 there in the backward)."""
+    """Forward of the band path (q, k, v contiguous (B, H, S, D)): out (B, H, S, D) and the merged lse (B, H, S).
+
+    Every row keeps its diagonal block, so the merged lse is finite. Runs in steps of a few heads; in each step
+    the band and edge calls (which cover every row once) write out, and the other calls merge into it online:
+    lse' = logaddexp(lse, lse_i), out' = out·exp(lse − lse') + out_i·exp(lse_i − lse')."""
     B, H, S, D = q.shape
+    BH = B * H
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    parts = []
-    for kind, sel, qp, kp, vp, mask in _band_parts(q, k, v, bp, block, q.dtype):
-        o, lse = flash(qp, kp, vp, 0.0, False, attn_mask=mask, scale=scale)
-        o, lse = o.reshape(B, H, -1, D), lse.reshape(B, H, -1)
-        if kind[0] == "gcol" and bp.gcol_empty is not None and bool(bp.gcol_empty.any()):
-            empty = bp.gcol_empty[:, None].expand(-1, block).reshape(S)  # flash gives lse 0 there
-            lse = lse.masked_fill(empty, float("-inf"))
-        parts.append((sel, o, lse))
+    q3, k3, v3 = (t.view(BH, S, D) for t in (q, k, v))
+    out = torch.empty(BH, S, D, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+    lse_all = None
+    n_first = (bp.num_blocks - bp.wl - bp.wr > 0) + min(bp.num_blocks, bp.wl + bp.wr)
+    for c0, c1 in _band_steps(BH, S, D, q.element_size()):
+        parts = _band_parts(q3, k3, v3, bp, block, H, c0, c1)
+        for n, (_, rows, qp, kp, vp, mask, empty) in enumerate(parts):
+            o, lse = flash(qp, kp, vp, 0.0, False, attn_mask=mask, scale=scale)
+            o, lse = o.reshape(c1 - c0, -1, D), lse.reshape(c1 - c0, -1)
+            if lse_all is None:
+                lse_all = torch.empty(BH, S, dtype=lse.dtype, device=q.device)
+            if empty is not None:  # flash gives lse 0 (out 0) on rows whose keys are all masked
+                lse = lse.masked_fill(empty, float("-inf"))
+            oc, lc = out[c0:c1, rows], lse_all[c0:c1, rows]
+            if n < n_first:
+                oc.copy_(o)
+                lc.copy_(lse)
+            else:
+                new = torch.logaddexp(lc, lse)
+                oc.mul_(torch.exp(lc - new).unsqueeze(-1)).addcmul_(o, torch.exp(lse - new).unsqueeze(-1))
+                lc.copy_(new)
     if bp.rest is not None:
         o, lses = block_sparse_attention_cpu_fwd(q, k, v, bp.rest, block, scale)
-        lse = lses[0].new_full((B, H * bp.num_blocks, block), float("-inf"))
+        lse = torch.full((B, H * bp.num_blocks, block), float("-inf"), dtype=lse_all.dtype, device=q.device)
         chunks = (c for grp in bp.rest.groups for c in _chunks(grp, B, block, D, q.element_size()))
         for g, lg in zip(chunks, lses, strict=True):
             lse.index_copy_(1, g.rows, lg.reshape(B, -1, block))
-        parts.append((slice(0, S), o, lse.view(B, H, S)))
-    lse_all = torch.full((B, H, S), float("-inf"), dtype=parts[0][2].dtype, device=q.device)
-    for sel, _, lse in parts:
-        if isinstance(sel, slice):
-            torch.logaddexp(lse_all[:, :, sel], lse, out=lse_all[:, :, sel])
-        else:
-            lse_all[:, :, sel] = torch.logaddexp(lse_all[:, :, sel], lse)
-    lse_all.masked_fill_(lse_all == float("-inf"), float("inf"))
-    acc_dtype = torch.promote_types(q.dtype, torch.float32)
-    out = torch.zeros(B, H, S, D, dtype=acc_dtype, device=q.device)
-    for sel, o, lse in parts:
-        if isinstance(sel, slice):
-            w = torch.exp(lse - lse_all[:, :, sel]).unsqueeze(-1)
-            out[:, :, sel].addcmul_(o, w)
-        else:
-            w = torch.exp(lse - lse_all[:, :, sel]).unsqueeze(-1)
-            out.index_add_(2, sel, o * w)
-    return out.to(q.dtype), lse_all
+        lse = lse.view(BH, S)
+        new = torch.logaddexp(lse_all, lse)
+        out.mul_(torch.exp(lse_all - new).unsqueeze(-1)).addcmul_(o.view(BH, S, D), torch.exp(lse - new).unsqueeze(-1))
+        lse_all = new
+    return out.to(q.dtype).view(B, H, S, D), lse_all.view(B, H, S)
 
 
 def band_attention_cpu_bwd(dout, q, k, v, out, lse, bp: BandPlan, block: int, scale: float):
-    """Backward of the band path: every part's flash backward with the final out and lse, summed in place."""
+    """Backward of the band path (all inputs contiguous): each part's flash backward with the final out and lse,
+    summed into dq, dk, dv step by step (a step's heads stay in cache)."""
     B, H, S, D = q.shape
+    BH = B * H
     nb, wl, wr = bp.num_blocks, bp.wl, bp.wr
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    dq, dk, dv = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    for kind, sel, qp, kp, vp, mask in _band_parts(q, k, v, bp, block, q.dtype):
-        if isinstance(sel, slice):
-            op, dop, lp = out[:, :, sel], dout[:, :, sel], lse[:, :, sel]
-        else:
-            op, dop, lp = out.index_select(2, sel), dout.index_select(2, sel), lse.index_select(2, sel)
-        op, dop, lp = op.reshape(qp.shape), dop.reshape(qp.shape), lp.reshape(qp.shape[:-1]).contiguous()
-        gq, gk, gv = flash_bwd(dop, qp, kp, vp, op, lp, 0.0, False, attn_mask=mask, scale=scale)
-        if isinstance(sel, slice):
-            dq[:, :, sel] += gq.reshape(B, H, -1, D)
-        else:
-            dq.index_add_(2, sel, gq.reshape(B, H, -1, D))
-        if kind == "band":
-            nw, L = nb - wl - wr, wl + wr + 1
-            dkb, dvb = dk.view(B * H, nb, block, D), dv.view(B * H, nb, block, D)
-            gk, gv = gk.view(B * H, nw, L, block, D), gv.view(B * H, nw, L, block, D)
-            for o in range(L):  # window w, slot o holds key block w + o
-                dkb[:, o : o + nw] += gk[:, :, o]
-                dvb[:, o : o + nw] += gv[:, :, o]
-        elif kind == "full":
-            dk += gk
-            dv += gv
-        elif kind[0] == "edge":
-            dk[:, :, kind[1]] += gk
-            dv[:, :, kind[1]] += gv
-        else:  # global columns
-            dk.index_add_(2, kind[1], gk)
-            dv.index_add_(2, kind[1], gv)
+    q3, k3, v3, o3, do3 = (t.view(BH, S, D) for t in (q, k, v, out, dout))
+    l3 = lse.view(BH, S)
+    dq, dk, dv = (torch.empty(BH, S, D, dtype=q.dtype, device=q.device) for _ in range(3))
+    for c0, c1 in _band_steps(BH, S, D, q.element_size()):
+        c = c1 - c0
+        dqc, dkc, dvc = dq[c0:c1], dk[c0:c1], dv[c0:c1]
+        for t in (dqc, dkc, dvc):
+            t.zero_()
+        for kind, rows, qp, kp, vp, mask, _ in _band_parts(q3, k3, v3, bp, block, H, c0, c1):
+            op, dop = o3[c0:c1, rows].reshape(qp.shape), do3[c0:c1, rows].reshape(qp.shape)
+            lp = l3[c0:c1, rows].reshape(qp.shape[:-1])
+            gq, gk, gv = flash_bwd(dop, qp, kp, vp, op, lp, 0.0, False, attn_mask=mask, scale=scale)
+            dqc[:, rows] += gq.reshape(c, -1, D)
+            if kind == "band":
+                nw, L = nb - wl - wr, wl + wr + 1
+                dkb, dvb = dkc.view(c, nb, block, D), dvc.view(c, nb, block, D)
+                gk, gv = gk.view(c, nw, L, block, D), gv.view(c, nw, L, block, D)
+                for o in range(L):  # window w, slot o holds key block w + o
+                    dkb[:, o : o + nw] += gk[:, :, o]
+                    dvb[:, o : o + nw] += gv[:, :, o]
+            elif isinstance(kind, tuple):  # extra: gathered key blocks
+                ids = kind[1]
+                dk.view(BH * nb, block * D).index_add_(0, ids, gk.reshape(-1, block * D))
+                dv.view(BH * nb, block * D).index_add_(0, ids, gv.reshape(-1, block * D))
+            else:  # a slice of the keys
+                dkc[:, kind] += gk.reshape(c, -1, D)
+                dvc[:, kind] += gv.reshape(c, -1, D)
+    dq, dk, dv = (t.view(B, H, S, D) for t in (dq, dk, dv))
     if bp.rest is not None:
         lses = [
             lse.reshape(B, H * nb, block).index_select(1, g.rows).reshape(B, g.qblocks.shape[0], -1)
