@@ -56,3 +56,12 @@ def test_kernels_table_via_console_entry_point():
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "sm_80" in out.stdout and "0 failed or spilling" in out.stdout
+
+
+@pytest.mark.slow
+def test_check_all_ops_pass(capsys):
+    """`fastlayers check` over every op (under the interpreter on CPU: torch and triton backends)."""
+    assert cli.main(["check"]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    for op in ("layer_norm", "bias_gelu", "softmax", "attention", "transformer", "sparse"):
+        assert f"PASS  {op}/" in out

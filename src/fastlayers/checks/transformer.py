@@ -39,7 +39,7 @@ def _check(device: torch.device, pre: bool, B: int, S: int, H: int, heads: int, 
         with torch.no_grad():
             for name, p in layer.named_parameters():
                 p.copy_(params[name])
-        xi = x.to(device).requires_grad_()
+        xi = x.to(device).detach().clone().requires_grad_()  # a fresh leaf per run: grads do not accumulate
         out = layer(xi, keep.to(device))
         out.backward(dy.to(device))
         res = {"out": out.detach(), "dx": xi.grad}
