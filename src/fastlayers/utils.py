@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-import math
 import importlib.util
+import math
 import os
 
 import torch
