@@ -174,40 +174,18 @@ def _triton_impl(x, bias, residual, weight, ln_bias, **kw):
     return _apply(LayerNormTritonFunction, x, bias, residual, weight, ln_bias, **kw)
 
 
+def _plain_layer_norm(impl, x, weight, bias, *, eps, invertible):
+    """Plain LayerNorm through the fused op: no bias add, no residual, no dropout."""
+    kw = dict(dropout_p=0.0, seed=None, offset=0, training=False, return_residual_out=False, return_mask=False)
+    return impl(x, None, None, weight, bias, eps=eps, invertible=invertible, **kw)
+
+
 def _layer_norm_torch_impl(x, weight, bias, *, eps, invertible):
-    return _torch_impl(
-        x,
-        None,
-        None,
-        weight,
-        bias,
-        eps=eps,
-        dropout_p=0.0,
-        seed=None,
-        offset=0,
-        training=False,
-        invertible=invertible,
-        return_residual_out=False,
-        return_mask=False,
-    )
+    return _plain_layer_norm(_torch_impl, x, weight, bias, eps=eps, invertible=invertible)
 
 
 def _layer_norm_triton_impl(x, weight, bias, *, eps, invertible):
-    return _triton_impl(
-        x,
-        None,
-        None,
-        weight,
-        bias,
-        eps=eps,
-        dropout_p=0.0,
-        seed=None,
-        offset=0,
-        training=False,
-        invertible=invertible,
-        return_residual_out=False,
-        return_mask=False,
-    )
+    return _plain_layer_norm(_triton_impl, x, weight, bias, eps=eps, invertible=invertible)
 
 
 TRITON_MAX_N = 4096  # = kernels.triton.layer_norm.MAX_N (not imported here: that module imports triton)
