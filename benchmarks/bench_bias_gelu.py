@@ -1,19 +1,8 @@
-"""Bias + GELU (and GELU -> linear) fwd+bwd vs eager PyTorch.
+"""`python -m benchmarks.bench_bias_gelu [options]`: the same as `fastlayers bench bias_gelu [options]`."""
 
-Run: `python -m benchmarks.bench_bias_gelu [--quick] [--json]`.
-"""
+import sys
 
-import argparse
-
-import torch
-
-from fastlayers.bench import bias_gelu, harness
+from fastlayers.cli import main
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    records = harness.run(bias_gelu.cases(args.quick, device), progress=not args.json, device_type=device.type)
-    print(harness.to_json(records) if args.json else harness.format_table(records))
+    sys.exit(main(["bench", "bias_gelu", *sys.argv[1:]]))

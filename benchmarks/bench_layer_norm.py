@@ -1,19 +1,8 @@
-"""bias + dropout + residual + LayerNorm fwd+bwd vs eager PyTorch.
+"""`python -m benchmarks.bench_layer_norm [options]`: the same as `fastlayers bench layer_norm [options]`."""
 
-Run: `python -m benchmarks.bench_layer_norm [--quick] [--json]`.
-"""
+import sys
 
-import argparse
-
-import torch
-
-from fastlayers.bench import harness, layer_norm
+from fastlayers.cli import main
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    records = harness.run(layer_norm.cases(args.quick, device), device_type=device.type, progress=not args.json)
-    print(harness.to_json(records) if args.json else harness.format_table(records))
+    sys.exit(main(["bench", "layer_norm", *sys.argv[1:]]))

@@ -1,16 +1,8 @@
-"""masked_softmax fwd+bwd vs eager softmax+dropout: `python -m benchmarks.bench_softmax [--quick] [--json]`."""
+"""`python -m benchmarks.bench_softmax [options]`: the same as `fastlayers bench softmax [options]`."""
 
-import argparse
+import sys
 
-import torch
-
-from fastlayers.bench import harness, softmax
+from fastlayers.cli import main
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    records = harness.run(softmax.cases(args.quick, device), device_type=device.type)
-    print(harness.to_json(records) if args.json else harness.format_table(records))
+    sys.exit(main(["bench", "softmax", *sys.argv[1:]]))

@@ -112,7 +112,7 @@ def cmd_bench(args) -> int:
     records = []
     for n in names:
         mod = importlib.import_module(BENCHES[n])
-        cases = mod.cases(quick=args.quick, device=device)
+        cases = [c for c in mod.cases(quick=args.quick, device=device) if args.filter in c.name]
         recs = harness.run(cases, rounds=args.rounds, reps=args.reps, progress=not args.json, device_type=device.type)
         records.extend(recs)
         if not args.json:
@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default=None)
+    p.add_argument("--filter", default="", metavar="TEXT", help="only the cases whose name contains TEXT")
     args = ap.parse_args(argv)
     return {"info": cmd_info, "check": cmd_check, "kernels": cmd_kernels, "bench": cmd_bench}[args.cmd](args)
 
