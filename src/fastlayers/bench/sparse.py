@@ -8,10 +8,14 @@ case, warm-up excluded; close to, not identical with, the harness's median of ro
 saved-activation MiB for fwd+bwd. FLOPs count the kept blocks only: 4·B·H·S²·D·density (fwd), ×3.5 for
 fwd+bwd. The linear-growth case runs BigBird at S=32768 against ours at S=8192 (no dense peer: too slow);
 its ours/peer ratio should stay near 4.
+
+`FASTLAYERS_BENCH_SPARSE="LAYOUTS:SEQS"` (e.g. `bigbird:8192,32768` or `bigbird,window:4096`) runs only those
+layouts and sequence lengths (32768 selects the BigBird growth case; the other lengths the dense comparisons).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -152,12 +156,20 @@ def cases(quick: bool, device: torch.device) -> list[Case]:
         layouts = _layouts(16)
         return [_case(n, layouts[n], 256, m, device) for n in ("bigbird", "window") for m in ("fwd", "fwd+bwd")]
     layouts = _layouts(BLOCK)
-    out = [
-        _case(n, cfg, s, m, device)
-        for n, cfg in layouts.items()
-        for s in (2048, 4096, 8192, 16384)
-        for m in ("fwd", "fwd+bwd")
-    ]
-    for m in ("fwd", "fwd+bwd"):
-        out.append(_case("bigbird", layouts["bigbird"], 32768, m, device, _Inputs(8192, layouts["bigbird"], device)))
+    names, seqs = list(layouts), [2048, 4096, 8192, 16384, 32768]
+    spec = os.environ.get("FASTLAYERS_BENCH_SPARSE")
+    if spec:
+        want, _, lengths = spec.partition(":")
+        names = [n.strip() for n in want.split(",") if n.strip()] or names
+        unknown = [n for n in names if n not in layouts]
+        if unknown:
+            raise ValueError(f"FASTLAYERS_BENCH_SPARSE: unknown layouts {unknown}; known: {list(layouts)}")
+        if lengths.strip():
+            seqs = [int(x) for x in lengths.split(",")]
+    out = [_case(n, layouts[n], s, m, device) for n in names for s in seqs if s != 32768 for m in ("fwd", "fwd+bwd")]
+    if "bigbird" in names and 32768 in seqs:
+        for m in ("fwd", "fwd+bwd"):
+            out.append(
+                _case("bigbird", layouts["bigbird"], 32768, m, device, _Inputs(8192, layouts["bigbird"], device))
+            )
     return out

@@ -10,18 +10,22 @@ small per-group mask of shape (·, n, m·block|1, C·block). Rows of very differ
 rows attend everything) fall into different groups, so nothing of size S×S is built. Rows that keep no block
 give zeros.
 
-Two ways to run it:
+Three ways to run it:
 - `block_sparse_attention_fwd`: composed of differentiable ops (autograd gives the backward: SDPA's own for
   q, k, v; gather/scatter for rpe and the masks). Any device; used when rpe or a mask needs its gradient.
 - `block_sparse_attention_cpu_fwd` / `_cpu_bwd`: CPU helpers around ATen's CPU flash-attention kernels, in
   chunks of at most CHUNK_BYTES of gathered keys, writing outputs and gradients in place; they save only
   out and the log-sum-exps (the gathers are redone in the backward). Biases are constants there.
+- `band_attention_cpu_fwd` / `_cpu_bwd` (CPU, no rpe or mask, layouts with a diagonal band holding at least
+  BAND_MIN_SHARE of the kept blocks, see `build_band_plan`): the band runs on overlapping strided views of K/V
+  (no gather), full rows and global columns on slices, the remaining blocks in one padded call (or the grouped
+  path); the parts are merged through their log-sum-exps, and the backward reuses the final out and lse.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -371,9 +375,12 @@ def block_sparse_attention_cpu_bwd(
 #   The wl + wr edge rows run one small call each over all heads (their clipped window is a plain slice).
 # - full rows (kept in every head, e.g. BigBird's global rows): the key blocks left and right of the band, as
 #   two slices of K/V (no copy, no mask).
-# - extra: every other kept block (global columns, random blocks, per-head differences). When each row keeps about
-#   the same number E of them, all query blocks (a view of q) run one call against their E gathered key blocks
-#   (padding slots masked); otherwise they run the grouped path above on the layout of what is left.
+# - global columns (kept in every row of every head, e.g. BigBird's global columns): the query rows where none of
+#   them is covered yet, as contiguous row ranges (views of q) against those key blocks (a slice of K/V).
+# - extra: every other kept block (random blocks, per-head differences, global columns near the band). When each
+#   row keeps about the same number E of them, all query blocks (a view of q) run one call against their E
+#   gathered key blocks (padding slots masked); otherwise they run the grouped path above on what is left.
+# Steps of a few heads (BAND_STEP_BYTES) keep each step's partial outputs and gradients in cache while merged.
 # The backward reuses the same parts: each part's flash backward called with the *final* out and lse gives its
 # exact share of dq, dk, dv (p = exp(s − lse) and delta = rowsum(dO·O) are the global ones).
 # Memory: every part's temporaries are linear in the kept blocks (no S×S tensor).
@@ -398,6 +405,9 @@ class BandPlan:
     extra_valid: torch.Tensor | None  # (H, nb, E) bool, None when every slot is a kept block
     extra_empty: torch.Tensor | None  # (H, nb) bool: rows with no extra block (None when there are none)
     rest: BlockSparsePlan | None  # the extra blocks as a grouped plan, when they are too uneven for one call
+    cache: dict = field(default_factory=dict)  # per (block, dtype): masks of the extra call
+    gcols: list[int] = field(default_factory=list)  # key blocks kept in every row of every head ...
+    gcol_ranges: list[tuple[int, int]] = field(default_factory=list)  # ... taken for these query-block ranges
 
 
 def _band_width(keep: torch.Tensor, sign: int) -> int:
@@ -424,10 +434,23 @@ def build_band_plan(layout: torch.Tensor, device: torch.device) -> BandPlan | No
     full = keep.all(0).all(1) & ~cov.all(1)  # (nb,) rows kept in full in every head, beyond the band
     covered = cov.clone()
     covered[full] = True
+    # global columns: kept in every row of every head; the rows where none of them is covered yet (by the band
+    # or a full row) take them in plain calls over contiguous row ranges
+    gcols = torch.nonzero(keep.all(0).all(0) & ~covered.all(0)).flatten()
+    ranges: list[tuple[int, int]] = []
+    if gcols.numel():
+        free = ~covered[:, gcols].any(1)  # (nb,)
+        pad = torch.zeros(1, dtype=torch.int8)
+        edges = torch.diff(free.to(torch.int8), prepend=pad, append=pad)
+        starts, stops = torch.nonzero(edges == 1).flatten(), torch.nonzero(edges == -1).flatten()
+        ranges = list(zip(starts.tolist(), stops.tolist(), strict=True))
+        covered[free[:, None] & (i[None, :, None] == gcols[None, None, :]).any(-1)] = True
     extra = keep & ~covered  # (H, nb, nb)
     counts = extra.sum(-1)  # (H, nb)
     E = int(counts.max())
     plan = BandPlan(nb, wl, wr, torch.nonzero(full).flatten().tolist(), 0, None, None, None, None)
+    if ranges:
+        plan.gcols, plan.gcol_ranges = gcols.tolist(), ranges
     if E == 0:
         return plan
     if int(counts.sum()) < EXTRA_MIN_FILL * H * nb * E:
@@ -471,8 +494,9 @@ def _band_parts(q3, k3, v3, bp: BandPlan, block: int, H: int, c0: int, c1: int):
     the B·H slices c0:c1 of q3, k3, v3 (B·H, S, D), contiguous.
 
     rows: the slice of S the call's queries are; q/k/v: 4-D views of the inputs or (extra) a gather; kv_kind: how
-    its key gradients go back: "band" (overlapping windows), a slice of S, or "extra" (with the gathered flat
-    block ids); mask: additive flash mask or None; empty: (c, M) bool of rows with no key in this call, or None."""
+    its key gradients go back: "band" (overlapping windows), a slice of S, ("gcols", key tokens) or ("extra",
+    gathered flat block ids); mask: additive flash mask or None; empty: (c, M) bool of rows with no key in this
+    call, or None."""
     BH, S, D = q3.shape
     c = c1 - c0
     nb, wl, wr = bp.num_blocks, bp.wl, bp.wr
@@ -495,20 +519,47 @@ def _band_parts(q3, k3, v3, bp: BandPlan, block: int, H: int, c0: int, c1: int):
         for ks in (slice(0, max(0, i - wl) * block), slice(min(nb, i + wr + 1) * block, S)):
             if ks.stop > ks.start:
                 yield ks, rows, qc[:, None, rows], kc[:, None, ks], vc[:, None, ks], None, None
+    if bp.gcol_ranges:
+        g = bp.gcols
+        if g == list(range(g[0], g[-1] + 1)):  # contiguous: a slice of the keys
+            kind = slice(g[0] * block, (g[-1] + 1) * block)
+            kg, vg = kc[:, None, kind], vc[:, None, kind]
+        else:
+            tok = (torch.tensor(g, device=q3.device)[:, None] * block + torch.arange(block, device=q3.device)).flatten()
+            kind = ("gcols", tok)
+            kg, vg = kc.index_select(1, tok)[:, None], vc.index_select(1, tok)[:, None]
+        for r0, r1 in bp.gcol_ranges:
+            rows = slice(r0 * block, r1 * block)
+            yield kind, rows, qc[:, None, rows], kg, vg, None, None
     if bp.extra_width:
         E = bp.extra_width
+        mask_h, empty_h = _extra_masks(bp, block, q3.dtype)
         bh = torch.arange(c0, c1, device=q3.device)
-        ids = (bh[:, None, None] * nb + bp.extra_cols[bh % H]).reshape(-1)  # (c·nb·E,) flat key-block ids
+        head = bh % H
+        ids = (bh[:, None, None] * nb + bp.extra_cols[head]).reshape(-1)  # (c·nb·E,) flat key-block ids bh·nb + j
         kx, vx = (t.view(BH * nb, block * D).index_select(0, ids).view(c, nb, E * block, D) for t in (k3, v3))
-        mask = empty = None
-        if bp.extra_valid is not None:
-            valid = bp.extra_valid[bh % H]  # (c, nb, E)
-            valid = valid[:, :, None, :, None].expand(c, nb, 1, E, block).reshape(c, nb, 1, E * block)
-            zero = torch.zeros((), dtype=q3.dtype, device=q3.device)
-            mask = torch.where(valid, zero, torch.full((), float("-inf"), dtype=q3.dtype, device=q3.device))
-        if bp.extra_empty is not None:
-            empty = bp.extra_empty[bh % H][:, :, None].expand(c, nb, block).reshape(c, S)
+        mask = None if mask_h is None else mask_h[head]
+        empty = None if empty_h is None else empty_h[head]
         yield ("extra", ids), slice(0, S), qc.view(c, nb, block, D), kx, vx, mask, empty
+
+
+def _extra_masks(bp: BandPlan, block: int, dtype: torch.dtype):
+    """Per head, for the extra call (cached on the plan): the additive padding mask (H, nb, 1, E·block) or None,
+    and the rows with no extra block (H, S) or None."""
+    key = (block, dtype)
+    hit = bp.cache.get(key)
+    if hit is not None:
+        return hit
+    H, nb, E = bp.extra_cols.shape
+    mask = empty = None
+    if bp.extra_valid is not None:
+        valid = bp.extra_valid[:, :, None, :, None].expand(H, nb, 1, E, block).reshape(H, nb, 1, E * block)
+        zero = torch.zeros((), dtype=dtype, device=valid.device)
+        mask = torch.where(valid, zero, torch.full((), float("-inf"), dtype=dtype, device=valid.device))
+    if bp.extra_empty is not None:
+        empty = bp.extra_empty[:, :, None].expand(H, nb, block).reshape(H, nb * block)
+    bp.cache[key] = (mask, empty)
+    return mask, empty
 
 
 def _band_steps(BH: int, S: int, D: int, itemsize: int):
@@ -520,8 +571,8 @@ def band_attention_cpu_fwd(q, k, v, bp: BandPlan, block: int, scale: float):
     """Forward of the band path (q, k, v contiguous (B, H, S, D)): out (B, H, S, D) and the merged lse (B, H, S).
 
     Every row keeps its diagonal block, so the merged lse is finite. Runs in steps of a few heads; in each step
-    the band and edge calls (which cover every row once) write out, and the other calls merge into it online:
-    lse' = logaddexp(lse, lse_i), out' = out·exp(lse − lse') + out_i·exp(lse_i − lse')."""
+    the partial results of all calls are merged while they are in cache: the band and edge calls (which cover
+    every row once) write out, the others add into it."""
     B, H, S, D = q.shape
     BH = B * H
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -530,22 +581,27 @@ def band_attention_cpu_fwd(q, k, v, bp: BandPlan, block: int, scale: float):
     lse_all = None
     n_first = (bp.num_blocks - bp.wl - bp.wr > 0) + min(bp.num_blocks, bp.wl + bp.wr)
     for c0, c1 in _band_steps(BH, S, D, q.element_size()):
-        parts = _band_parts(q3, k3, v3, bp, block, H, c0, c1)
-        for n, (_, rows, qp, kp, vp, mask, empty) in enumerate(parts):
+        parts = []
+        for _, rows, qp, kp, vp, mask, empty in _band_parts(q3, k3, v3, bp, block, H, c0, c1):
             o, lse = flash(qp, kp, vp, 0.0, False, attn_mask=mask, scale=scale)
             o, lse = o.reshape(c1 - c0, -1, D), lse.reshape(c1 - c0, -1)
-            if lse_all is None:
-                lse_all = torch.empty(BH, S, dtype=lse.dtype, device=q.device)
             if empty is not None:  # flash gives lse 0 (out 0) on rows whose keys are all masked
                 lse = lse.masked_fill(empty, float("-inf"))
-            oc, lc = out[c0:c1, rows], lse_all[c0:c1, rows]
+            parts.append((rows, o, lse))
+        if lse_all is None:
+            lse_all = torch.empty(BH, S, dtype=parts[0][2].dtype, device=q.device)
+        lc = lse_all[c0:c1]
+        for n, (rows, _, lse) in enumerate(parts):
             if n < n_first:
-                oc.copy_(o)
-                lc.copy_(lse)
+                lc[:, rows] = lse
             else:
-                new = torch.logaddexp(lc, lse)
-                oc.mul_(torch.exp(lc - new).unsqueeze(-1)).addcmul_(o, torch.exp(lse - new).unsqueeze(-1))
-                lc.copy_(new)
+                torch.logaddexp(lc[:, rows], lse, out=lc[:, rows])
+        for n, (rows, o, lse) in enumerate(parts):
+            w = torch.exp(lse - lc[:, rows]).unsqueeze(-1)
+            if n < n_first:
+                torch.mul(o, w, out=out[c0:c1, rows])
+            else:
+                out[c0:c1, rows].addcmul_(o, w)
     if bp.rest is not None:
         o, lses = block_sparse_attention_cpu_fwd(q, k, v, bp.rest, block, scale)
         lse = torch.full((B, H * bp.num_blocks, block), float("-inf"), dtype=lse_all.dtype, device=q.device)
@@ -557,6 +613,38 @@ def band_attention_cpu_fwd(q, k, v, bp: BandPlan, block: int, scale: float):
         out.mul_(torch.exp(lse_all - new).unsqueeze(-1)).addcmul_(o.view(BH, S, D), torch.exp(lse - new).unsqueeze(-1))
         lse_all = new
     return out.to(q.dtype).view(B, H, S, D), lse_all.view(B, H, S)
+
+
+# A single (query range, key range) call is split into about this many pieces in the backward: ATen's CPU flash
+# backward runs one task per (batch, head), so one long call per head would use one core.
+BWD_SPLIT = 8
+
+
+def _divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def _split_flash_bwd(dop, qp, kp, vp, op, lp, scale: float, block: int):
+    """Flash backward of one (c, 1, M, D) x (c, 1, N, D) call, cut into P pieces along its longer side (whole
+    blocks) so that the kernel gets c·P tasks; exact, since the saved lse and out are the final ones."""
+    flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    c, _, M, D = qp.shape
+    N = kp.shape[2]
+    if N >= M:  # split the keys: every piece sees all queries, dq is the sum over pieces
+        P = _divisor(N // block, BWD_SPLIT) if N % block == 0 else 1
+        if P == 1:
+            return flash_bwd(dop, qp, kp, vp, op, lp, 0.0, False, scale=scale)
+        ks, vs = kp.reshape(c, P, N // P, D), vp.reshape(c, P, N // P, D)
+        qs, dos, os_ = (t.expand(c, P, M, D) for t in (qp, dop, op))
+        gq, gk, gv = flash_bwd(dos, qs, ks, vs, os_, lp.expand(c, P, M), 0.0, False, scale=scale)
+        return gq.sum(1, keepdim=True), gk.reshape(c, 1, N, D), gv.reshape(c, 1, N, D)
+    P = _divisor(M // block, BWD_SPLIT) if M % block == 0 else 1  # split the queries: dk, dv sum over pieces
+    if P == 1:
+        return flash_bwd(dop, qp, kp, vp, op, lp, 0.0, False, scale=scale)
+    qs, dos, os_ = (t.reshape(c, P, M // P, D) for t in (qp, dop, op))
+    ks, vs = kp.expand(c, P, N, D), vp.expand(c, P, N, D)
+    gq, gk, gv = flash_bwd(dos, qs, ks, vs, os_, lp.reshape(c, P, M // P), 0.0, False, scale=scale)
+    return gq.reshape(c, 1, M, D), gk.sum(1, keepdim=True), gv.sum(1, keepdim=True)
 
 
 def band_attention_cpu_bwd(dout, q, k, v, out, lse, bp: BandPlan, block: int, scale: float):
@@ -577,8 +665,11 @@ def band_attention_cpu_bwd(dout, q, k, v, out, lse, bp: BandPlan, block: int, sc
         for kind, rows, qp, kp, vp, mask, _ in _band_parts(q3, k3, v3, bp, block, H, c0, c1):
             op, dop = o3[c0:c1, rows].reshape(qp.shape), do3[c0:c1, rows].reshape(qp.shape)
             lp = l3[c0:c1, rows].reshape(qp.shape[:-1])
-            gq, gk, gv = flash_bwd(dop, qp, kp, vp, op, lp, 0.0, False, attn_mask=mask, scale=scale)
-            dqc[:, rows] += gq.reshape(c, -1, D)
+            if qp.shape[1] == 1 and mask is None:
+                gq, gk, gv = _split_flash_bwd(dop, qp, kp, vp, op, lp, scale, block)
+            else:
+                gq, gk, gv = flash_bwd(dop, qp, kp, vp, op, lp, 0.0, False, attn_mask=mask, scale=scale)
+            dqc[:, rows].view(qp.shape).add_(gq)  # gq is strided (flash's layout): no reshape copy
             if kind == "band":
                 nw, L = nb - wl - wr, wl + wr + 1
                 dkb, dvb = dkc.view(c, nb, block, D), dvc.view(c, nb, block, D)
@@ -586,6 +677,9 @@ def band_attention_cpu_bwd(dout, q, k, v, out, lse, bp: BandPlan, block: int, sc
                 for o in range(L):  # window w, slot o holds key block w + o
                     dkb[:, o : o + nw] += gk[:, :, o]
                     dvb[:, o : o + nw] += gv[:, :, o]
+            elif isinstance(kind, tuple) and kind[0] == "gcols":  # gathered global-column keys
+                dkc.index_add_(1, kind[1], gk.reshape(c, -1, D))
+                dvc.index_add_(1, kind[1], gv.reshape(c, -1, D))
             elif isinstance(kind, tuple):  # extra: gathered key blocks
                 ids = kind[1]
                 # (index_add_ along dim 0 of a 2-D view takes a slow scatter path on CPU: ~20x slower)
