@@ -3,11 +3,10 @@
 Layouts from `fastlayers.sparsity_config` at block 64: BigBird (1 random, 3 sliding, 1 global), Fixed (defaults),
 LocalSlidingWindow (3 blocks, unidirectional). B=1, H=12, D=64, fp32; forward (no grad) and fwd+bwd.
 `extra`: `density` (kept-block share), `work_limit` = 1/density (the speedup if time were proportional to the
-kept blocks), `speedup_vs_limit` = measured speedup / work_limit (from the medians of the timed calls of this
-case, warm-up excluded; close to, not identical with, the harness's median of round medians), and the
-saved-activation MiB for fwd+bwd. FLOPs count the kept blocks only: 4·B·H·S²·D·density (fwd), ×3.5 for
+kept blocks; the harness adds `speedup_vs_limit` = measured speedup / work_limit), and the saved-activation MiB
+for fwd+bwd. FLOPs count the kept blocks only: 4·B·H·S²·D·density (fwd), ×3.5 for
 fwd+bwd. The linear-growth case runs BigBird at S=32768 against ours at S=8192 (no dense peer: too slow);
-its ours/peer ratio should stay near 4.
+its ours/peer ratio is the time growth for `length_ratio` = 4x the length (linear: near 4).
 
 `FASTLAYERS_BENCH_SPARSE="LAYOUTS:SEQS"` (e.g. `bigbird:8192,32768` or `bigbird,window:4096`) runs only those
 layouts and sequence lengths (32768 selects the BigBird growth case; the other lengths the dense comparisons).
@@ -16,8 +15,6 @@ layouts and sequence lengths (32768 selects the BigBird growth case; the other l
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -64,15 +61,6 @@ class _Inputs:
         self.t.clear()
 
 
-def _timed(fn, acc: list[float]):
-    def run():
-        t0 = time.perf_counter()
-        fn()
-        acc.append(time.perf_counter() - t0)
-
-    return run
-
-
 def _case(name: str, cfg, s: int, mode: str, device: torch.device, peer_inputs: _Inputs | None = None) -> Case:
     inp = _Inputs(s, cfg, device)
     density = float((cfg.make_layout(s) != 0).float().mean())
@@ -99,15 +87,14 @@ def _case(name: str, cfg, s: int, mode: str, device: torch.device, peer_inputs: 
 
         return run
 
-    ours_t: list[float] = []
-    peer_t: list[float] = []
-    extra = {"density": round(density, 4), "work_limit": round(1 / density, 2)}
+    extra: dict = {"density": round(density, 4)}
     if peer_inputs is None:
         peer, peer_name = call(dense_fwd, inp), "F.scaled_dot_product_attention (dense)"
-    else:
+        extra["work_limit"] = round(1 / density, 2)  # the harness adds speedup_vs_limit
+    else:  # growth case: ours/peer is the time growth for s / peer_inputs.s times the length
         peer = call(lambda: ours_fwd(peer_inputs), peer_inputs)
         peer_name = f"ours, same layout at S={peer_inputs.s}"
-        extra["growth_limit"] = round(s / peer_inputs.s, 2)
+        extra["length_ratio"] = round(s / peer_inputs.s, 2)
 
     def setup():
         inp.setup()
@@ -125,23 +112,10 @@ def _case(name: str, cfg, s: int, mode: str, device: torch.device, peer_inputs: 
         if peer_inputs is not None:
             peer_inputs.teardown()
 
-    ours = _timed(call(ours_fwd, inp), ours_t)
-    peer = _timed(peer, peer_t)
-    if peer_inputs is None:
-        # Updated after every timed call; the harness copies `extra` once the case has run.
-        def ours_and_ratio():
-            ours()
-            if len(peer_t) > 1 and len(ours_t) > 1:  # the first call of each is the harness's warm-up
-                speedup = statistics.median(peer_t[1:]) / statistics.median(ours_t[1:])
-                extra["speedup_vs_limit"] = round(speedup * density, 3)
-
-        run_ours = ours_and_ratio
-    else:
-        run_ours = ours
     flops = 4 * B * H * s * s * D * density * (1.0 if mode == "fwd" else 3.5)
     return Case(
         name=f"block_sparse {name} {mode} S{s}",
-        ours=run_ours,
+        ours=call(ours_fwd, inp),
         peer=peer,
         peer_name=peer_name,
         flops=flops,
