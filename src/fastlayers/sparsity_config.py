@@ -258,14 +258,7 @@ class VariableSparsityConfig(SparsityConfig):
         self.seed = seed
 
     def set_random_layout(self, h: int, layout: torch.Tensor, generator: torch.Generator | None = None):
-        nb = layout.shape[1]
-        _check_fits("num_random_blocks", self.num_random_blocks, nb)
-        if self.num_random_blocks == 0:
-            return layout
-        g = generator if generator is not None else _generator(self.seed)
-        # unidirectional: only the causal part (DeepSpeed samples the whole row); short early rows take all
-        _set_random(layout[h], self.num_random_blocks, g, causal=self.attention == "unidirectional")
-        return layout
+        return _random_layout(self, h, layout, generator)
 
     def set_local_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
         # windows of the listed sizes, then the last size repeated to the end of the sequence
@@ -339,14 +332,7 @@ class BigBirdSparsityConfig(SparsityConfig):
         self.seed = seed
 
     def set_random_layout(self, h: int, layout: torch.Tensor, generator: torch.Generator | None = None):
-        nb = layout.shape[1]
-        _check_fits("num_random_blocks", self.num_random_blocks, nb)
-        if self.num_random_blocks == 0:
-            return layout
-        g = generator if generator is not None else _generator(self.seed)
-        # unidirectional: only the causal part (DeepSpeed samples the whole row); short early rows take all
-        _set_random(layout[h], self.num_random_blocks, g, causal=self.attention == "unidirectional")
-        return layout
+        return _random_layout(self, h, layout, generator)
 
     def set_sliding_window_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
         nb = layout.shape[1]
@@ -486,6 +472,17 @@ def _set_random(layout_h: torch.Tensor, k: int, g: torch.Generator, causal: bool
     cols = keys.topk(k, dim=1, largest=False).indices  # (nb, k)
     pick = torch.zeros((nb, nb), dtype=torch.bool).scatter_(1, cols, True) & allowed
     layout_h[pick] = 1
+
+
+def _random_layout(cfg, h: int, layout: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """`num_random_blocks` random columns per row of head h (Variable and BigBird share this rule)."""
+    _check_fits("num_random_blocks", cfg.num_random_blocks, layout.shape[1])
+    if cfg.num_random_blocks == 0:
+        return layout
+    g = generator if generator is not None else _generator(cfg.seed)
+    # unidirectional: only the causal part (DeepSpeed samples the whole row); short early rows take all
+    _set_random(layout[h], cfg.num_random_blocks, g, causal=cfg.attention == "unidirectional")
+    return layout
 
 
 def _band(layout_h: torch.Tensor, w: int, causal: bool) -> None:

@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import math
 import os
+from collections import OrderedDict
 
 import torch
 
@@ -110,3 +111,28 @@ def keep_mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device 
     if keep.numel() != n:  # drop the padding lanes so a saved mask holds exactly n bytes
         keep = keep[:n].clone()
     return keep.view(shape)
+
+
+class LayoutCache:
+    """A small LRU of what is built from a block layout (plans, indices), keyed per layout and device.
+
+    A hit is checked against a saved copy of the layout by content, so an in-place edit of a layout is seen.
+    """
+
+    def __init__(self, build, size: int = 16):
+        self._build = build
+        self._size = size
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, layout: torch.Tensor, device: torch.device | str):
+        device = torch.device(device)
+        key = (layout.data_ptr(), tuple(layout.shape), layout.dtype, layout.device, device)
+        hit = self._items.get(key)
+        if hit is not None and torch.equal(hit[0], layout):
+            self._items.move_to_end(key)
+            return hit[1]
+        value = self._build(layout, device)
+        self._items[key] = (layout.detach().clone(), value)
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
+        return value

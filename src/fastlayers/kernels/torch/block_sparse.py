@@ -24,11 +24,12 @@ Three ways to run it:
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from fastlayers.utils import LayoutCache
 
 # Rows whose block counts differ by at most this factor share one SDPA call (padding waste <= 25 %).
 GROUP_RATIO = 1.25
@@ -141,21 +142,12 @@ def build_plan(layout: torch.Tensor, device: torch.device) -> BlockSparsePlan:
     )
 
 
-_PLANS: OrderedDict = OrderedDict()
+_PLANS = LayoutCache(lambda layout, device: build_plan(layout, device), size=_CACHE_SIZE)
 
 
 def get_plan(layout: torch.Tensor, device: torch.device) -> BlockSparsePlan:
     """`build_plan`, cached per layout (checked by content, so an in-place edit of the layout is seen)."""
-    key = (layout.data_ptr(), tuple(layout.shape), layout.dtype, layout.device, torch.device(device))
-    hit = _PLANS.get(key)
-    if hit is not None and torch.equal(hit[0], layout):
-        _PLANS.move_to_end(key)
-        return hit[1]
-    plan = build_plan(layout, torch.device(device))
-    _PLANS[key] = (layout.detach().clone(), plan)
-    if len(_PLANS) > _CACHE_SIZE:
-        _PLANS.popitem(last=False)
-    return plan
+    return _PLANS.get(layout, device)
 
 
 def additive_mask(mask: torch.Tensor, mode: str, dtype: torch.dtype) -> torch.Tensor:
@@ -467,21 +459,12 @@ def build_band_plan(layout: torch.Tensor, device: torch.device) -> BandPlan | No
     return plan
 
 
-_BAND_PLANS: OrderedDict = OrderedDict()
+_BAND_PLANS = LayoutCache(lambda layout, device: build_band_plan(layout, device), size=_CACHE_SIZE)
 
 
 def get_band_plan(layout: torch.Tensor, device: torch.device) -> BandPlan | None:
     """`build_band_plan`, cached per layout like `get_plan`."""
-    key = (layout.data_ptr(), tuple(layout.shape), layout.dtype, layout.device, torch.device(device))
-    hit = _BAND_PLANS.get(key)
-    if hit is not None and torch.equal(hit[0], layout):
-        _BAND_PLANS.move_to_end(key)
-        return hit[1]
-    plan = build_band_plan(layout, torch.device(device))
-    _BAND_PLANS[key] = (layout.detach().clone(), plan)
-    if len(_BAND_PLANS) > _CACHE_SIZE:
-        _BAND_PLANS.popitem(last=False)
-    return plan
+    return _BAND_PLANS.get(layout, device)
 
 
 # Heads (B·H slices) per step of the band path: about this many bytes of q, so that a step's outputs, gathers and

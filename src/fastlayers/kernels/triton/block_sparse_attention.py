@@ -11,7 +11,6 @@ Based on the structure of the Triton fused-attention tutorial (06, https://githu
 python/tutorials/06-fused-attention.py) and FlexAttention's block-sparse iteration (kv_num_blocks/kv_indices).
 """
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,7 @@ import triton.language as tl
 
 from fastlayers.kernels.triton._common import AOT_DTYPES
 from fastlayers.kernels.triton.aot import AotSpec
-from fastlayers.utils import next_pow2
+from fastlayers.utils import LayoutCache, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -282,21 +281,12 @@ def build_layout_index(layout: torch.Tensor, device: torch.device) -> LayoutInde
     return LayoutIndex(*(t.contiguous().to(device) for t in (kv_num, kv_idx, q_num, q_idx)))
 
 
-_INDEX_CACHE: OrderedDict = OrderedDict()
+_INDEX_CACHE = LayoutCache(lambda layout, device: build_layout_index(layout, device))
 
 
 def layout_index(layout: torch.Tensor, device: torch.device) -> LayoutIndex:
     """`build_layout_index`, cached per layout (verified by content, so in-place edits are seen)."""
-    key = (layout.data_ptr(), tuple(layout.shape), layout.dtype, layout.device, torch.device(device))
-    hit = _INDEX_CACHE.get(key)
-    if hit is not None and torch.equal(hit[0], layout):
-        _INDEX_CACHE.move_to_end(key)
-        return hit[1]
-    index = build_layout_index(layout, torch.device(device))
-    _INDEX_CACHE[key] = (layout.detach().clone(), index)
-    if len(_INDEX_CACHE) > 16:
-        _INDEX_CACHE.popitem(last=False)
-    return index
+    return _INDEX_CACHE.get(layout, device)
 
 
 def _tile(block: int, block_d: int, fp32: bool) -> int:
