@@ -172,10 +172,3 @@ def plot(records: list[Record], path: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def saved_bytes_of(fn: Callable[[], Any], exclude: tuple[torch.Tensor, ...] = ()) -> int:
-    """Bytes of distinct storages autograd saves while running `fn` (parameters and `exclude` left out)."""
-    from fastlayers.memory import saved_activation_bytes
-
-    return saved_activation_bytes(fn, exclude=exclude)

@@ -1,7 +1,6 @@
 """Helpers shared by the Triton kernel modules (dtype maps, launch hints, AOT signature strings)."""
 
 import torch
-import triton
 
 from fastlayers.utils import next_pow2, triton_interpret
 
@@ -34,9 +33,3 @@ def num_programs_hint(device: torch.device) -> int:
 def block_for(n: int, cap: int = 65536) -> int:
     """Power-of-two block that covers a row of n elements (at least 16)."""
     return min(max(16, next_pow2(n)), cap)
-
-
-def autotune_configs(space: list[triton.Config], keep=lambda c: True) -> list[triton.Config]:
-    """Configs filtered by `keep`; one config under the interpreter so CPU tests stay fast."""
-    configs = [c for c in space if keep(c)]
-    return configs[:1] if interpreting() else configs
