@@ -18,24 +18,36 @@ from tests.tolerances import assert_close
 CPU = torch.device("cpu")
 
 
-def _coverage(bp: kt.BandPlan, H: int) -> torch.Tensor:
-    """How many times the band plan computes each block (H, nb, nb)."""
+def _coverage(bp: kt.BandPlan, H: int, block: int = 16) -> torch.Tensor:
+    """How many times the band path computes each block (H, nb, nb), read off the calls it actually makes."""
     nb = bp.num_blocks
-    i = torch.arange(nb)
-    diff = i[None, :] - i[:, None]
-    count = ((diff >= -bp.wl) & (diff <= bp.wr)).long().expand(H, nb, nb).clone()
-    for r in bp.full_rows:
-        count[:, r, : max(0, r - bp.wl)] += 1
-        count[:, r, min(nb, r + bp.wr + 1) :] += 1
-    for r0, r1 in bp.gcol_ranges:
-        count[:, r0:r1, bp.gcols] += 1
-    if bp.extra_width:
-        valid = torch.ones_like(bp.extra_cols, dtype=torch.bool) if bp.extra_valid is None else bp.extra_valid
-        for h in range(H):
-            for r in range(nb):
-                for e in range(bp.extra_width):
-                    if valid[h, r, e]:
-                        count[h, r, bp.extra_cols[h, r, e]] += 1
+    S = nb * block
+    count = torch.zeros(H, nb, nb, dtype=torch.long)
+    x = torch.zeros(H, S, 1)
+
+    def blocks(r: kt.Rows, t: int) -> list[int]:
+        lo = r.start + t * r.step
+        assert lo % block == 0 and r.length % block == 0
+        return list(range(lo // block, (lo + r.length) // block))
+
+    for p in kt._band_parts(x, x, x, bp, block, H, 0, H):
+        for t in range(p.qrows.count):
+            qb = blocks(p.qrows, t)
+            if isinstance(p.kv, kt.Rows):
+                kb = [[j] * H for j in blocks(p.kv, t)]
+            elif p.kv[0] == "gcols":
+                kb = [[j] * H for j in sorted(set((p.kv[1] // block).tolist()))]
+            else:  # extra: flat ids bh·nb + j, (H, nb, E) per query block
+                ids = p.kv[1].view(H, nb, -1) % nb
+                kb = [ids[:, qb[0], e].tolist() for e in range(ids.shape[-1])]
+            for a, i in enumerate(qb):
+                for e, js in enumerate(kb):
+                    for h, j in enumerate(js):
+                        if p.mask is not None and bool(p.mask[h, t, 0, e * block].isinf()):  # extra padding slot
+                            continue
+                        if p.empty is not None and bool(p.empty[h, t, a * block]):
+                            continue
+                        count[h, i, j] += 1
     if bp.rest is not None:
         for g in bp.rest.groups:
             valid = torch.ones_like(g.kvblocks, dtype=torch.bool) if g.valid is None else g.valid
@@ -100,7 +112,7 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_band_plan_covers_every_kept_block_once(name):
-    H, nb = 3, 12
+    H, nb = 3, 14
     layout = LAYOUTS[name](H, nb, 16)
     bp = kt.build_band_plan(layout, CPU)
     assert bp is not None
@@ -238,3 +250,47 @@ def test_band_path_saves_only_out_and_lse():
     q, k, v = (torch.randn(B, H, nb * block, D, requires_grad=True) for _ in range(3))
     saved = saved_activation_bytes(lambda: block_sparse_attention(q, k, v, layout, block=block), exclude=(q, k, v))
     assert saved == q.numel() * 4 + B * H * nb * block * 4  # out + lse, fp32
+
+
+def test_extra_rows_without_blocks_need_no_mask():
+    """One extra slot per row, some rows with none (their random block falls in the band): no padding mask is
+    built, and those rows' padding slot (their diagonal block) is not counted twice, forward or backward."""
+    H, nb, block, D = 2, 12, 16, 16
+    layout = torch.zeros(H, nb, nb, dtype=torch.long)
+    for i in range(nb):
+        layout[:, i, max(0, i - 1) : i + 2] = 1
+        if i % 3:
+            layout[:, i, (i + 5) % nb] = 1
+    bp = kt.build_band_plan(layout, CPU)
+    assert bp.extra_width == 1 and bp.extra_valid is None and bp.extra_empty is not None
+    q, k, v = (torch.randn(2, H, nb * block, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = block_sparse_attention(q, k, v, layout, block=block, backend="torch")
+    ref = block_sparse_attention_ref(q, k, v, layout, block=block)
+    assert_close(out, ref, torch.float64)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, [q, k, v], dout)
+    want = torch.autograd.grad(ref, [q, k, v], dout)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, torch.float64, "bwd")
+
+
+def test_extra_rows_with_some_slots_are_masked():
+    """Rows keep 2 or 1 extra blocks (E = 2): the second slot of the short rows is masked, forward and backward."""
+    H, nb, block, D = 2, 12, 16, 16
+    layout = torch.zeros(H, nb, nb, dtype=torch.long)
+    for i in range(nb):
+        layout[:, i, max(0, i - 1) : i + 2] = 1
+        layout[:, i, (i + 5) % nb] = 1
+        if i % 2:
+            layout[:, i, (i + 8) % nb] = 1
+    bp = kt.build_band_plan(layout, CPU)
+    assert bp.extra_width == 2 and bp.extra_valid is not None
+    q, k, v = (torch.randn(2, H, nb * block, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = block_sparse_attention(q, k, v, layout, block=block, backend="torch")
+    ref = block_sparse_attention_ref(q, k, v, layout, block=block)
+    assert_close(out, ref, torch.float64)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, [q, k, v], dout)
+    want = torch.autograd.grad(ref, [q, k, v], dout)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, torch.float64, "bwd")

@@ -394,7 +394,7 @@ class BandPlan:
     full_rows: list[int]  # query blocks kept in full in every head
     extra_width: int  # E: extra key blocks per query block (0: none, or they run the grouped `rest` plan)
     extra_cols: torch.Tensor | None  # (H, nb, E) key blocks j of the extra slots (padding slots point at block i)
-    extra_valid: torch.Tensor | None  # (H, nb, E) bool, None when every slot is a kept block
+    extra_valid: torch.Tensor | None  # (H, nb, E) bool; None when every row keeps all E slots or none
     extra_empty: torch.Tensor | None  # (H, nb) bool: rows with no extra block (None when there are none)
     rest: BlockSparsePlan | None  # the extra blocks as a grouped plan, when they are too uneven for one call
     cache: dict = field(default_factory=dict)  # per (block, dtype): masks of the extra call
@@ -454,7 +454,10 @@ def build_band_plan(layout: torch.Tensor, device: torch.device) -> BandPlan | No
     cols = torch.where(valid, order, i[None, :, None])
     plan.extra_width = E
     plan.extra_cols = cols.to(device)
-    plan.extra_valid = None if bool(valid.all()) else valid.to(device)
+    # a mask is needed only for rows that keep some but not all of the E slots: a row that keeps none is an empty
+    # row (its lse is set to -inf in the forward and +inf in the backward, so it adds nothing either way)
+    partial = (counts > 0) & (counts < E)
+    plan.extra_valid = valid.to(device) if bool(partial.any()) else None
     plan.extra_empty = (counts == 0).to(device) if bool((counts == 0).any()) else None
     return plan
 
@@ -472,58 +475,100 @@ def get_band_plan(layout: torch.Tensor, device: torch.device) -> BandPlan | None
 BAND_STEP_BYTES = 4 << 20
 
 
-def _band_parts(q3, k3, v3, bp: BandPlan, block: int, H: int, c0: int, c1: int):
-    """Yield (kv_kind, rows, q, k, v, mask, empty) for every flash call of the band path (but the grouped rest) on
-    the B·H slices c0:c1 of q3, k3, v3 (B·H, S, D), contiguous.
+@dataclass(frozen=True)
+class Rows:
+    """A strided set of token rows: start + t·step + [0, length) for t < count (windows overlap when
+    length > step). A call's queries or keys as a view of a (c, S, ...) tensor: see `_rows_view`."""
 
-    rows: the slice of S the call's queries are; q/k/v: 4-D views of the inputs or (extra) a gather; kv_kind: how
-    its key gradients go back: "band" (overlapping windows), a slice of S, ("gcols", key tokens) or ("extra",
-    gathered flat block ids); mask: additive flash mask or None; empty: (c, M) bool of rows with no key in this
-    call, or None."""
+    start: int
+    step: int
+    count: int
+    length: int
+
+    @staticmethod
+    def span(lo: int, hi: int) -> Rows:
+        return Rows(lo, hi - lo, 1, hi - lo)
+
+
+def _rows_view(t: torch.Tensor, r: Rows) -> torch.Tensor:
+    """(c, S, *rest) -> (c, count, length, *rest) view of rows `r` (no copy)."""
+    st = t.stride()
+    return t.as_strided(
+        (t.shape[0], r.count, r.length, *t.shape[2:]),
+        (st[0], r.step * st[1], *st[1:]),
+        t.storage_offset() + r.start * st[1],
+    )
+
+
+def _add_rows(dst: torch.Tensor, r: Rows, g: torch.Tensor) -> None:
+    """dst[rows r] += g (c, count, length, ...), window by window slice when the windows overlap."""
+    if r.count == 1 or r.length <= r.step:
+        _rows_view(dst, r).add_(g)
+        return
+    for o in range(0, r.length, r.step):  # piece o of every window: non-overlapping
+        n = min(r.step, r.length - o)
+        _rows_view(dst, Rows(r.start + o, r.step, r.count, n)).add_(g[:, :, o : o + n])
+
+
+@dataclass
+class _Part:
+    """One flash call of the band path: queries `qrows` against keys `kv` (Rows of K/V, or a gather: ("gcols",
+    token ids) / ("extra", flat block ids)); `first`: the calls that cover every row once (they write out, the
+    others add into it); empty: (c, n, M) bool rows with no key in this call, or None."""
+
+    kv: object
+    qrows: Rows
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None = None
+    empty: torch.Tensor | None = None
+    first: bool = False
+
+
+def _band_parts(q3, k3, v3, bp: BandPlan, block: int, H: int, c0: int, c1: int):
+    """Yield a `_Part` for every call of the band path (but the grouped rest) on the B·H slices c0:c1 of q3, k3,
+    v3 (B·H, S, D), contiguous."""
     BH, S, D = q3.shape
-    c = c1 - c0
     nb, wl, wr = bp.num_blocks, bp.wl, bp.wr
-    L = wl + wr + 1
-    nw = nb - wl - wr
+    nw = nb - wl - wr  # interior query blocks: their whole window lies inside [0, nb)
     qc, kc, vc = q3[c0:c1], k3[c0:c1], v3[c0:c1]
-    if nw > 0:
-        rows = slice(wl * block, (wl + nw) * block)
-        qi = qc[:, rows].view(c, nw, block, D)
-        # window w covers key blocks w .. w+L−1 (query block w + wl); overlapping strided views, no copy
-        kw, vw = (t.as_strided((c, nw, L * block, D), (S * D, block * D, D, 1)) for t in (kc, vc))
-        yield "band", rows, qi, kw, vw, None, None
-    edges = [*range(min(wl, nb)), *range(max(wl, nb - wr), nb)]
-    for i in edges:
-        lo, hi = max(0, i - wl), min(nb, i + wr + 1)
-        rows, ks = slice(i * block, (i + 1) * block), slice(lo * block, hi * block)
-        yield ks, rows, qc[:, None, rows], kc[:, None, ks], vc[:, None, ks], None, None
+
+    def part(kv: Rows, qr: Rows, **kw) -> _Part:
+        return _Part(kv, qr, _rows_view(qc, qr), _rows_view(kc, kv), _rows_view(vc, kv), **kw)
+
+    b = block
+    if nw > 0:  # query block w + wl against key blocks w .. w + wl + wr (overlapping windows, no copy)
+        yield part(Rows(0, b, nw, (wl + wr + 1) * b), Rows(wl * b, b, nw, b), first=True)
+    for i in [*range(min(wl, nb)), *range(max(wl, nb - wr), nb)]:  # edge rows: their clipped windows
+        yield part(Rows.span(max(0, i - wl) * b, min(nb, i + wr + 1) * b), Rows.span(i * b, (i + 1) * b), first=True)
     for i in bp.full_rows:
-        rows = slice(i * block, (i + 1) * block)
-        for ks in (slice(0, max(0, i - wl) * block), slice(min(nb, i + wr + 1) * block, S)):
-            if ks.stop > ks.start:
-                yield ks, rows, qc[:, None, rows], kc[:, None, ks], vc[:, None, ks], None, None
+        for lo, hi in ((0, max(0, i - wl)), (min(nb, i + wr + 1), nb)):
+            if hi > lo:
+                yield part(Rows.span(lo * b, hi * b), Rows.span(i * b, (i + 1) * b))
     if bp.gcol_ranges:
         g = bp.gcols
         if g == list(range(g[0], g[-1] + 1)):  # contiguous: a slice of the keys
-            kind = slice(g[0] * block, (g[-1] + 1) * block)
-            kg, vg = kc[:, None, kind], vc[:, None, kind]
+            for r0, r1 in bp.gcol_ranges:
+                yield part(Rows.span(g[0] * b, (g[-1] + 1) * b), Rows.span(r0 * b, r1 * b))
         else:
-            tok = (torch.tensor(g, device=q3.device)[:, None] * block + torch.arange(block, device=q3.device)).flatten()
-            kind = ("gcols", tok)
+            tok = (torch.tensor(g, device=q3.device)[:, None] * b + torch.arange(b, device=q3.device)).flatten()
             kg, vg = kc.index_select(1, tok)[:, None], vc.index_select(1, tok)[:, None]
-        for r0, r1 in bp.gcol_ranges:
-            rows = slice(r0 * block, r1 * block)
-            yield kind, rows, qc[:, None, rows], kg, vg, None, None
+            for r0, r1 in bp.gcol_ranges:
+                qr = Rows.span(r0 * b, r1 * b)
+                yield _Part(("gcols", tok), qr, _rows_view(qc, qr), kg, vg)
     if bp.extra_width:
         E = bp.extra_width
-        mask_h, empty_h = _extra_masks(bp, block, q3.dtype)
+        c = c1 - c0
+        mask_h, empty_h = _extra_masks(bp, b, q3.dtype)
         bh = torch.arange(c0, c1, device=q3.device)
         head = bh % H
         ids = (bh[:, None, None] * nb + bp.extra_cols[head]).reshape(-1)  # (c·nb·E,) flat key-block ids bh·nb + j
-        kx, vx = (t.view(BH * nb, block * D).index_select(0, ids).view(c, nb, E * block, D) for t in (k3, v3))
+        kx, vx = (t.view(BH * nb, b * D).index_select(0, ids).view(c, nb, E * b, D) for t in (k3, v3))
         mask = None if mask_h is None else mask_h[head]
-        empty = None if empty_h is None else empty_h[head]
-        yield ("extra", ids), slice(0, S), qc.view(c, nb, block, D), kx, vx, mask, empty
+        empty = None if empty_h is None else empty_h[head].view(c, nb, b)
+        qr = Rows(0, b, nb, b)
+        yield _Part(("extra", ids), qr, _rows_view(qc, qr), kx, vx, mask=mask, empty=empty)
 
 
 def _extra_masks(bp: BandPlan, block: int, dtype: torch.dtype):
@@ -554,37 +599,37 @@ def band_attention_cpu_fwd(q, k, v, bp: BandPlan, block: int, scale: float):
     """Forward of the band path (q, k, v contiguous (B, H, S, D)): out (B, H, S, D) and the merged lse (B, H, S).
 
     Every row keeps its diagonal block, so the merged lse is finite. Runs in steps of a few heads; in each step
-    the partial results of all calls are merged while they are in cache: the band and edge calls (which cover
-    every row once) write out, the others add into it."""
+    the partial results of all calls are merged while they are in cache: the `first` calls (which cover every
+    row once) write out, the others add into it."""
     B, H, S, D = q.shape
     BH = B * H
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     q3, k3, v3 = (t.view(BH, S, D) for t in (q, k, v))
     out = torch.empty(BH, S, D, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
     lse_all = None
-    n_first = (bp.num_blocks - bp.wl - bp.wr > 0) + min(bp.num_blocks, bp.wl + bp.wr)
     for c0, c1 in _band_steps(BH, S, D, q.element_size()):
         parts = []
-        for _, rows, qp, kp, vp, mask, empty in _band_parts(q3, k3, v3, bp, block, H, c0, c1):
-            o, lse = flash(qp, kp, vp, 0.0, False, attn_mask=mask, scale=scale)
-            o, lse = o.reshape(c1 - c0, -1, D), lse.reshape(c1 - c0, -1)
-            if empty is not None:  # flash gives lse 0 (out 0) on rows whose keys are all masked
-                lse = lse.masked_fill(empty, float("-inf"))
-            parts.append((rows, o, lse))
+        for p in _band_parts(q3, k3, v3, bp, block, H, c0, c1):
+            o, lse = flash(p.q, p.k, p.v, 0.0, False, attn_mask=p.mask, scale=scale)
+            if p.empty is not None:  # rows with no key of this call: weight 0 in the merge
+                lse = lse.masked_fill(p.empty, float("-inf"))
+            parts.append((p, o, lse))
         if lse_all is None:
             lse_all = torch.empty(BH, S, dtype=parts[0][2].dtype, device=q.device)
-        lc = lse_all[c0:c1]
-        for n, (rows, _, lse) in enumerate(parts):
-            if n < n_first:
-                lc[:, rows] = lse
+        lc, oc = lse_all[c0:c1], out[c0:c1]
+        for p, _, lse in parts:
+            lv = _rows_view(lc, p.qrows)
+            if p.first:
+                lv.copy_(lse)
             else:
-                torch.logaddexp(lc[:, rows], lse, out=lc[:, rows])
-        for n, (rows, o, lse) in enumerate(parts):
-            w = torch.exp(lse - lc[:, rows]).unsqueeze(-1)
-            if n < n_first:
-                torch.mul(o, w, out=out[c0:c1, rows])
+                torch.logaddexp(lv, lse, out=lv)
+        for p, o, lse in parts:
+            w = torch.exp(lse - _rows_view(lc, p.qrows)).unsqueeze(-1)
+            ov = _rows_view(oc, p.qrows)
+            if p.first:
+                torch.mul(o, w, out=ov)
             else:
-                out[c0:c1, rows].addcmul_(o, w)
+                ov.addcmul_(o, w)
     if bp.rest is not None:
         o, lses = block_sparse_attention_cpu_fwd(q, k, v, bp.rest, block, scale)
         lse = torch.full((B, H * bp.num_blocks, block), float("-inf"), dtype=lse_all.dtype, device=q.device)
@@ -635,7 +680,7 @@ def band_attention_cpu_bwd(dout, q, k, v, out, lse, bp: BandPlan, block: int, sc
     summed into dq, dk, dv step by step (a step's heads stay in cache)."""
     B, H, S, D = q.shape
     BH = B * H
-    nb, wl, wr = bp.num_blocks, bp.wl, bp.wr
+    nb = bp.num_blocks
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     q3, k3, v3, o3, do3 = (t.view(BH, S, D) for t in (q, k, v, out, dout))
     l3 = lse.view(BH, S)
@@ -645,32 +690,27 @@ def band_attention_cpu_bwd(dout, q, k, v, out, lse, bp: BandPlan, block: int, sc
         dqc, dkc, dvc = dq[c0:c1], dk[c0:c1], dv[c0:c1]
         for t in (dqc, dkc, dvc):
             t.zero_()
-        for kind, rows, qp, kp, vp, mask, _ in _band_parts(q3, k3, v3, bp, block, H, c0, c1):
-            op, dop = o3[c0:c1, rows].reshape(qp.shape), do3[c0:c1, rows].reshape(qp.shape)
-            lp = l3[c0:c1, rows].reshape(qp.shape[:-1])
-            if qp.shape[1] == 1 and mask is None:
-                gq, gk, gv = _split_flash_bwd(dop, qp, kp, vp, op, lp, scale, block)
+        for p in _band_parts(q3, k3, v3, bp, block, H, c0, c1):
+            op, dop = _rows_view(o3[c0:c1], p.qrows), _rows_view(do3[c0:c1], p.qrows)
+            lp = _rows_view(l3[c0:c1], p.qrows)
+            if p.empty is not None and p.mask is None:  # no key of this call for these rows: lse +inf gives p = 0
+                lp = lp.masked_fill(p.empty, float("inf"))
+            if p.q.shape[1] == 1 and p.mask is None:
+                gq, gk, gv = _split_flash_bwd(dop, p.q, p.k, p.v, op, lp, scale, block)
             else:
-                gq, gk, gv = flash_bwd(dop, qp, kp, vp, op, lp, 0.0, False, attn_mask=mask, scale=scale)
-            dqc[:, rows].view(qp.shape).add_(gq)  # gq is strided (flash's layout): no reshape copy
-            if kind == "band":
-                nw, L = nb - wl - wr, wl + wr + 1
-                dkb, dvb = dkc.view(c, nb, block, D), dvc.view(c, nb, block, D)
-                gk, gv = gk.view(c, nw, L, block, D), gv.view(c, nw, L, block, D)
-                for o in range(L):  # window w, slot o holds key block w + o
-                    dkb[:, o : o + nw] += gk[:, :, o]
-                    dvb[:, o : o + nw] += gv[:, :, o]
-            elif isinstance(kind, tuple) and kind[0] == "gcols":  # gathered global-column keys
-                dkc.index_add_(1, kind[1], gk.reshape(c, -1, D))
-                dvc.index_add_(1, kind[1], gv.reshape(c, -1, D))
-            elif isinstance(kind, tuple):  # extra: gathered key blocks
-                ids = kind[1]
+                gq, gk, gv = flash_bwd(dop, p.q, p.k, p.v, op, lp, 0.0, False, attn_mask=p.mask, scale=scale)
+            _add_rows(dqc, p.qrows, gq)
+            if isinstance(p.kv, Rows):
+                _add_rows(dkc, p.kv, gk)
+                _add_rows(dvc, p.kv, gv)
+            elif p.kv[0] == "gcols":  # gathered global-column keys
+                dkc.index_add_(1, p.kv[1], gk.reshape(c, -1, D))
+                dvc.index_add_(1, p.kv[1], gv.reshape(c, -1, D))
+            else:  # extra: gathered key blocks
+                ids = p.kv[1]
                 # (index_add_ along dim 0 of a 2-D view takes a slow scatter path on CPU: ~20x slower)
                 dk.view(1, BH * nb, block * D).index_add_(1, ids, gk.reshape(1, -1, block * D))
                 dv.view(1, BH * nb, block * D).index_add_(1, ids, gv.reshape(1, -1, block * D))
-            else:  # a slice of the keys
-                dkc[:, kind] += gk.reshape(c, -1, D)
-                dvc[:, kind] += gv.reshape(c, -1, D)
     dq, dk, dv = (t.view(B, H, S, D) for t in (dq, dk, dv))
     if bp.rest is not None:
         lses = [
