@@ -472,7 +472,7 @@ def get_band_plan(layout: torch.Tensor, device: torch.device) -> BandPlan | None
 
 # Heads (B·H slices) per step of the band path: about this many bytes of q, so that a step's outputs, gathers and
 # gradients stay in cache while its partial results are merged (whole-tensor passes cost ~4 GB/s here).
-BAND_STEP_BYTES = 4 << 20
+BAND_STEP_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -540,9 +540,12 @@ def _band_parts(q3, k3, v3, bp: BandPlan, block: int, H: int, c0: int, c1: int):
     b = block
     if nw > 0:  # query block w + wl against key blocks w .. w + wl + wr (overlapping windows, no copy)
         yield part(Rows(0, b, nw, (wl + wr + 1) * b), Rows(wl * b, b, nw, b), first=True)
-    for i in [*range(min(wl, nb)), *range(max(wl, nb - wr), nb)]:  # edge rows: their clipped windows
-        yield part(Rows.span(max(0, i - wl) * b, min(nb, i + wr + 1) * b), Rows.span(i * b, (i + 1) * b), first=True)
-    for i in bp.full_rows:
+    edges = [*range(min(wl, nb)), *range(max(wl, nb - wr), nb)]
+    full = set(bp.full_rows)
+    for i in edges:  # edge rows: their clipped windows (a full row: all keys in one call)
+        lo, hi = (0, nb) if i in full else (max(0, i - wl), min(nb, i + wr + 1))
+        yield part(Rows.span(lo * b, hi * b), Rows.span(i * b, (i + 1) * b), first=True)
+    for i in sorted(full.difference(edges)):
         for lo, hi in ((0, max(0, i - wl)), (min(nb, i + wr + 1), nb)):
             if hi > lo:
                 yield part(Rows.span(lo * b, hi * b), Rows.span(i * b, (i + 1) * b))
