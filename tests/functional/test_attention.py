@@ -78,9 +78,29 @@ def test_dropout_checkpoint_same_results_fewer_saved_bytes(dropout_p):
     p_bytes = 2 * 3 * 33 * 33 * 4
     if dropout_p > 0:
         assert res[False][2] - res[True][2] == mask_bytes
-    else:
-        assert res[False][2] == res[True][2]
-    assert res[True][2] == p_bytes + 3 * q.numel() * 4  # P plus q, k, v (re-laid out as (B*H, S, D))
+        assert res[True][2] == p_bytes + 3 * q.numel() * 4  # P plus q, k, v (re-laid out as (B*H, S, D))
+    else:  # no dropout: SDPA's fused kernel and backward, which keep out and the log-sum-exp only
+        assert res[False][2] == res[True][2] == q.numel() * 4 + 2 * 3 * 33 * 4
+
+
+def test_no_dropout_with_grad_runs_sdpa_and_matches_reference():
+    """dropout 0 with grad takes SDPA (its backward), bias without grad; a fully masked row gives 0 and 0 grads."""
+    q, k, v = qkv(b=2, s=21, h=3, d=16, grad=True)
+    bias = torch.zeros(2, 1, 21, 21)
+    bias[1, :, 5] = float("-inf")
+    out = attention(q, k, v, attn_bias=bias, causal=True, backend="torch")
+    assert "AttentionTorchFunction" not in type(out.grad_fn).__name__
+    ref = attention(q, k, v, attn_bias=bias, causal=True, backend="reference")
+    assert_close(out, ref, torch.float32)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, (q, k, v), dout)
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, torch.float32, "bwd")
+    assert out[1, 5].abs().max() == 0 and got[0][1, 5].abs().max() == 0
+    bias.requires_grad_(True)  # a bias that needs its gradient keeps the Function that gives it one
+    out = attention(q, k, v, attn_bias=bias, backend="torch")
+    assert "AttentionTorchFunction" in type(out.grad_fn).__name__
 
 
 def test_torch_dropout_matches_reference_backend_bit_for_bit_mask():

@@ -90,8 +90,8 @@ def _reference_impl(q, k, v, *, attn_bias, softmax_scale, dropout_p, seed, offse
 
 
 def _torch_impl(q, k, v, *, attn_bias, softmax_scale, dropout_p, seed, offset, causal, dropout_checkpoint):
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, attn_bias))
-    if dropout_p == 0.0 and not grad:  # inference: SDPA's fused kernel
+    bias_grad = torch.is_grad_enabled() and attn_bias is not None and attn_bias.requires_grad
+    if dropout_p == 0.0 and not bias_grad:  # no dropout: SDPA's fused kernel (its own backward saves out + lse)
         return torch_attention.sdpa_attention(q, k, v, attn_bias, softmax_scale, causal)
     return AttentionTorchFunction.apply(
         q, k, v, attn_bias, softmax_scale, dropout_p, seed, offset, causal, dropout_checkpoint
@@ -195,10 +195,10 @@ def attention(
     Equivalent PyTorch: `fastlayers.reference.attention.attention_ref` with the backend's keep mask.
 
     Backends: reference (any), torch (any device/dtype; its own Function saving q, k, v and P; when dropout_p == 0
-    and no grad is needed, F.scaled_dot_product_attention's fused kernel; gives attn_bias a gradient when it
-    requires one), triton (CUDA fp16/bf16 or the CPU
-    interpreter fp16/fp32; 16 <= D <= 128; attn_bias without grad). Keep masks differ between torch (same bits as
-    reference) and triton (`tl.rand`).
+    and attn_bias needs no gradient, F.scaled_dot_product_attention's fused kernel and its backward, which save
+    out and the log-sum-exp instead of P; gives attn_bias a gradient when it requires one), triton (CUDA fp16/bf16
+    or the CPU interpreter fp16/fp32; 16 <= D <= 128; attn_bias without grad). Keep masks differ between torch
+    (same bits as reference) and triton (`tl.rand`).
     """
     _validate(q, k, v, attn_bias, softmax_scale, dropout_p)
     dropout_p = float(dropout_p)

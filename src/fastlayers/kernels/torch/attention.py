@@ -176,7 +176,8 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """No-dropout attention through F.scaled_dot_product_attention's fused kernel; (B, S_q, H, D).
 
-    Used for inference (no grad). Fully masked rows give 0 there too (torch >= 2.5).
+    Used whenever there is no dropout and attn_bias needs no gradient (SDPA's backward gives q, k, v theirs).
+    Fully masked rows give 0 there too (torch >= 2.5).
     """
     s_q, s_k = q.shape[1], k.shape[1]
     if attn_bias is None:
