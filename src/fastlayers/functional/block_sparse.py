@@ -35,8 +35,10 @@ def _validate(q, k, v, layout, block, softmax_scale, rpe, key_padding_mask, attn
         raise ValueError(f"q must have a nonzero sequence length and head dim, got shape {tuple(q.shape)}")
     nb = S // block
     check_tensor("layout", layout, shape=(H, nb, nb), dtypes=LAYOUT_DTYPES)
-    if layout.dtype != torch.bool and not bool(((layout == 0) | (layout == 1)).all()):
-        raise ValueError("layout must hold only 0 and 1")
+    if layout.dtype != torch.bool:
+        lo, hi = torch.aminmax(layout)  # one pass (the layout has H·(S/block)² entries)
+        if bool(lo < 0) or bool(hi > 1):
+            raise ValueError(f"layout must hold only 0 and 1, got values in [{int(lo)}, {int(hi)}]")
     if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real)):
         raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
     for name, mode in (("key_padding_mask_mode", kpm_mode), ("attn_mask_mode", am_mode)):

@@ -366,12 +366,16 @@ def block_sparse_attention_cpu_bwd(
 #   blocks attend an overlapping strided view of K/V ((wl+wr+1)·block keys starting at block i−wl): no copy.
 #   The wl + wr edge rows run one small call each over all heads (their clipped window is a plain slice).
 # - full rows (kept in every head, e.g. BigBird's global rows): the key blocks left and right of the band, as
-#   two slices of K/V (no copy, no mask).
+#   two slices of K/V (no copy, no mask); a full row that is also an edge row runs one call over all keys.
 # - global columns (kept in every row of every head, e.g. BigBird's global columns): the query rows where none of
 #   them is covered yet, as contiguous row ranges (views of q) against those key blocks (a slice of K/V).
 # - extra: every other kept block (random blocks, per-head differences, global columns near the band). When each
 #   row keeps about the same number E of them, all query blocks (a view of q) run one call against their E
-#   gathered key blocks (padding slots masked); otherwise they run the grouped path above on what is left.
+#   gathered key blocks (padding slots masked where a row keeps some but not all E; a row that keeps none gets
+#   lse -inf in the merge and +inf in the backward, so no mask is needed for it); otherwise they run the
+#   grouped path above on what is left.
+# Every call is described by `Rows` (a strided set of token rows) for its queries and, but for gathers, its keys:
+# `_rows_view` turns them into views of q/k/v, out, lse and the gradients alike.
 # Steps of a few heads (BAND_STEP_BYTES) keep each step's partial outputs and gradients in cache while merged.
 # The backward reuses the same parts: each part's flash backward called with the *final* out and lse gives its
 # exact share of dq, dk, dv (p = exp(s − lse) and delta = rowsum(dO·O) are the global ones).
