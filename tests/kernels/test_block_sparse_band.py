@@ -57,6 +57,17 @@ def _coverage(bp: kt.BandPlan, H: int, block: int = 16) -> torch.Tensor:
     return count
 
 
+def _assert_fwd_bwd(out, ref, inputs, dtype, names=("dq", "dk", "dv")):
+    """out matches ref, and so do the gradients of inputs for one random upstream gradient; returns ours."""
+    assert_close(out, ref, dtype, name="out")
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, dout)
+    want = torch.autograd.grad(ref, inputs, dout)
+    for n, g, w in zip(names, got, want, strict=True):
+        assert_close(g, w, dtype, "bwd", name=n)
+    return got
+
+
 def bigbird(H, S, block, bidirectional=True, globals_=1, randoms=1, window=3):
     cfg = BigBirdSparsityConfig(
         num_heads=H,
@@ -192,12 +203,7 @@ def test_band_path_matches_reference(monkeypatch, name, dtype, step_bytes):
     out = block_sparse_attention(q, k, v, layout, block=block, backend="torch")
     assert type(out.grad_fn).__name__ == "BlockSparseAttentionTorchFunctionBackward"
     ref = block_sparse_attention_ref(q, k, v, layout, block=block, upcast=True)
-    assert_close(out, ref, dtype, name="out")
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, [q, k, v], dout)
-    want = torch.autograd.grad(ref, [q, k, v], dout)
-    for n, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
-        assert_close(g, w, dtype, "bwd", name=n)
+    _assert_fwd_bwd(out, ref, [q, k, v], dtype)
 
 
 def test_band_path_noncontiguous_inputs_and_scale():
@@ -232,12 +238,7 @@ def test_biases_take_the_grouped_path(monkeypatch, feature):
     out = block_sparse_attention(q, k, v, layout, block=block, backend="torch", **kw)
     assert calls == []
     ref = block_sparse_attention_ref(q, k, v, layout, block=block, **kw)
-    assert_close(out, ref, torch.float32)
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, [q, k, v], dout)
-    want = torch.autograd.grad(ref, [q, k, v], dout)
-    for g, w in zip(got, want, strict=True):
-        assert_close(g, w, torch.float32, "bwd")
+    got = _assert_fwd_bwd(out, ref, [q, k, v], torch.float32)
     if feature == "am":
         assert out[:, :, [3, 40]].abs().max() == 0 and got[0][:, :, [3, 40]].abs().max() == 0
 
@@ -252,45 +253,32 @@ def test_band_path_saves_only_out_and_lse():
     assert saved == q.numel() * 4 + B * H * nb * block * 4  # out + lse, fp32
 
 
-def test_extra_rows_without_blocks_need_no_mask():
-    """One extra slot per row, some rows with none (their random block falls in the band): no padding mask is
-    built, and those rows' padding slot (their diagonal block) is not counted twice, forward or backward."""
-    H, nb, block, D = 2, 12, 16, 16
+def _extra_layout(H: int, nb: int, kind: str) -> torch.Tensor:
     layout = torch.zeros(H, nb, nb, dtype=torch.long)
     for i in range(nb):
         layout[:, i, max(0, i - 1) : i + 2] = 1
-        if i % 3:
+        if kind == "some-rows-none" and i % 3:
             layout[:, i, (i + 5) % nb] = 1
-    bp = kt.build_band_plan(layout, CPU)
-    assert bp.extra_width == 1 and bp.extra_valid is None and bp.extra_empty is not None
-    q, k, v = (torch.randn(2, H, nb * block, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    out = block_sparse_attention(q, k, v, layout, block=block, backend="torch")
-    ref = block_sparse_attention_ref(q, k, v, layout, block=block)
-    assert_close(out, ref, torch.float64)
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, [q, k, v], dout)
-    want = torch.autograd.grad(ref, [q, k, v], dout)
-    for g, w in zip(got, want, strict=True):
-        assert_close(g, w, torch.float64, "bwd")
+        if kind == "some-rows-short":
+            layout[:, i, (i + 5) % nb] = 1
+            if i % 2:
+                layout[:, i, (i + 8) % nb] = 1
+    return layout
 
 
-def test_extra_rows_with_some_slots_are_masked():
-    """Rows keep 2 or 1 extra blocks (E = 2): the second slot of the short rows is masked, forward and backward."""
+@pytest.mark.parametrize("kind", ["some-rows-none", "some-rows-short"])
+def test_extra_padding_slots(kind):
+    """some-rows-none: one extra slot per row, some rows with none (their padding slot, the diagonal block, gets
+    lse -inf / +inf): no mask is built. some-rows-short: E = 2 and rows with one extra block: the short rows'
+    second slot is masked. Either way no block counts twice, forward or backward."""
     H, nb, block, D = 2, 12, 16, 16
-    layout = torch.zeros(H, nb, nb, dtype=torch.long)
-    for i in range(nb):
-        layout[:, i, max(0, i - 1) : i + 2] = 1
-        layout[:, i, (i + 5) % nb] = 1
-        if i % 2:
-            layout[:, i, (i + 8) % nb] = 1
+    layout = _extra_layout(H, nb, kind)
     bp = kt.build_band_plan(layout, CPU)
-    assert bp.extra_width == 2 and bp.extra_valid is not None
+    if kind == "some-rows-none":
+        assert bp.extra_width == 1 and bp.extra_valid is None and bp.extra_empty is not None
+    else:
+        assert bp.extra_width == 2 and bp.extra_valid is not None
     q, k, v = (torch.randn(2, H, nb * block, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
     out = block_sparse_attention(q, k, v, layout, block=block, backend="torch")
     ref = block_sparse_attention_ref(q, k, v, layout, block=block)
-    assert_close(out, ref, torch.float64)
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, [q, k, v], dout)
-    want = torch.autograd.grad(ref, [q, k, v], dout)
-    for g, w in zip(got, want, strict=True):
-        assert_close(g, w, torch.float64, "bwd")
+    _assert_fwd_bwd(out, ref, [q, k, v], torch.float64)
