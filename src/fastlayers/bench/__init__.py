@@ -7,6 +7,7 @@ Each op has a module `fastlayers.bench.<op>` with `cases(quick: bool, device: to
 BENCHES = {
     "layer_norm": "fastlayers.bench.layer_norm",
     "bias_gelu": "fastlayers.bench.bias_gelu",
+    "bias_geglu": "fastlayers.bench.bias_geglu",
     "softmax": "fastlayers.bench.softmax",
     "attention": "fastlayers.bench.attention",
     "transformer": "fastlayers.bench.transformer",

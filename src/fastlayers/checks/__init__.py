@@ -16,6 +16,7 @@ import torch
 CHECKS = {
     "layer_norm": "fastlayers.checks.layer_norm",
     "bias_gelu": "fastlayers.checks.bias_gelu",
+    "bias_geglu": "fastlayers.checks.bias_geglu",
     "softmax": "fastlayers.checks.softmax",
     "attention": "fastlayers.checks.attention",
     "transformer": "fastlayers.checks.transformer",

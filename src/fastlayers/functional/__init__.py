@@ -4,6 +4,7 @@ Importing this package registers every op's backends (reference, torch, triton).
 """
 
 from fastlayers.functional.attention import attention
+from fastlayers.functional.bias_geglu import bias_geglu
 from fastlayers.functional.bias_gelu import bias_gelu, bias_gelu_linear
 from fastlayers.functional.block_sparse import block_sparse_attention
 from fastlayers.functional.layer_norm import bias_dropout_residual_layer_norm, layer_norm
@@ -13,6 +14,7 @@ __all__ = [
     "attention",
     "bias_dropout_residual_layer_norm",
     "block_sparse_attention",
+    "bias_geglu",
     "bias_gelu",
     "bias_gelu_linear",
     "layer_norm",

@@ -3,16 +3,19 @@
 from fastlayers.reference.activations import bias_gelu_linear_ref, bias_gelu_ref, gelu_ref
 from fastlayers.reference.attention import attention_ref
 from fastlayers.reference.block_sparse import block_sparse_attention_ref, layout_to_dense_mask
+from fastlayers.reference.geglu import bias_geglu_ref, gate_act_ref
 from fastlayers.reference.norm import bias_dropout_residual_layer_norm_ref, layer_norm_ref
 from fastlayers.reference.softmax import masked_softmax_ref
 
 __all__ = [
     "attention_ref",
     "bias_dropout_residual_layer_norm_ref",
+    "bias_geglu_ref",
     "bias_gelu_linear_ref",
     "block_sparse_attention_ref",
     "layout_to_dense_mask",
     "bias_gelu_ref",
+    "gate_act_ref",
     "gelu_ref",
     "layer_norm_ref",
     "masked_softmax_ref",
