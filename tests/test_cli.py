@@ -14,7 +14,15 @@ def test_info_lists_versions_devices_backends(capsys):
     out = capsys.readouterr().out
     assert "torch" in out and "cpu" in out
     assert "backends by device" in out
-    for op in ("bias_dropout_residual_layer_norm", "bias_gelu", "bias_geglu", "masked_softmax", "attention"):
+    for op in (
+        "bias_dropout_residual_layer_norm",
+        "bias_gelu",
+        "bias_geglu",
+        "masked_softmax",
+        "attention",
+        "token_gather",
+        "token_scatter",
+    ):
         assert op in out
 
 
@@ -63,5 +71,5 @@ def test_check_all_ops_pass(capsys):
     """`fastlayers check` over every op (under the interpreter on CPU: torch and triton backends)."""
     assert cli.main(["check"]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
-    for op in ("layer_norm", "bias_gelu", "bias_geglu", "softmax", "attention", "transformer", "sparse"):
+    for op in ("layer_norm", "bias_gelu", "bias_geglu", "softmax", "attention", "transformer", "sparse", "random_ltd"):
         assert f"PASS  {op}/" in out

@@ -12,4 +12,5 @@ BENCHES = {
     "attention": "fastlayers.bench.attention",
     "transformer": "fastlayers.bench.transformer",
     "sparse": "fastlayers.bench.sparse",
+    "random_ltd": "fastlayers.bench.random_ltd",
 }

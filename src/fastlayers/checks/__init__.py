@@ -21,6 +21,7 @@ CHECKS = {
     "attention": "fastlayers.checks.attention",
     "transformer": "fastlayers.checks.transformer",
     "sparse": "fastlayers.checks.sparse",
+    "random_ltd": "fastlayers.checks.random_ltd",
 }
 
 

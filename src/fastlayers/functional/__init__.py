@@ -8,9 +8,23 @@ from fastlayers.functional.bias_geglu import bias_geglu
 from fastlayers.functional.bias_gelu import bias_gelu, bias_gelu_linear
 from fastlayers.functional.block_sparse import block_sparse_attention
 from fastlayers.functional.layer_norm import bias_dropout_residual_layer_norm, layer_norm
+from fastlayers.functional.random_ltd import (
+    GatherTokens,
+    ScatterTokens,
+    bert_sample_tokens,
+    gpt_sample_tokens,
+    token_gather,
+    token_scatter_,
+)
 from fastlayers.functional.softmax import masked_softmax
 
 __all__ = [
+    "GatherTokens",
+    "ScatterTokens",
+    "bert_sample_tokens",
+    "gpt_sample_tokens",
+    "token_gather",
+    "token_scatter_",
     "attention",
     "bias_dropout_residual_layer_norm",
     "block_sparse_attention",

@@ -6,8 +6,20 @@ from fastlayers.reference.block_sparse import block_sparse_attention_ref, layout
 from fastlayers.reference.geglu import bias_geglu_ref, gate_act_ref
 from fastlayers.reference.norm import bias_dropout_residual_layer_norm_ref, layer_norm_ref
 from fastlayers.reference.softmax import masked_softmax_ref
+from fastlayers.reference.tokens import (
+    gather_mask_ref,
+    sample_token_indices,
+    token_gather_grad_ref,
+    token_gather_ref,
+    token_scatter_ref_,
+)
 
 __all__ = [
+    "gather_mask_ref",
+    "sample_token_indices",
+    "token_gather_grad_ref",
+    "token_gather_ref",
+    "token_scatter_ref_",
     "attention_ref",
     "bias_dropout_residual_layer_norm_ref",
     "bias_geglu_ref",
