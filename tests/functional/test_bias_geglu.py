@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from fastlayers import backends
 from fastlayers.functional.bias_geglu import bias_geglu
 from fastlayers.memory import saved_activation_bytes
+from tests._elementwise_helpers import backend_of
 from tests.tolerances import assert_close
 
 GRAD_FN = {"torch": "BiasGegluTorchFunctionBackward", "triton": "BiasGegluTritonFunctionBackward"}
@@ -25,11 +26,7 @@ def _eager(x, bias, activation="gelu"):
 
 
 def _backend_of(out):
-    name = type(out.grad_fn).__name__
-    for backend, fn_name in GRAD_FN.items():
-        if name == fn_name:
-            return backend
-    return "reference"
+    return backend_of(out, GRAD_FN)
 
 
 @pytest.fixture(autouse=True)

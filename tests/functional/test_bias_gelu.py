@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from fastlayers import backends
 from fastlayers.functional.bias_gelu import bias_gelu, bias_gelu_linear
 from fastlayers.memory import saved_activation_bytes
+from tests._elementwise_helpers import backend_of
 from tests.tolerances import assert_close
 
 GRAD_FN = {
@@ -27,11 +28,7 @@ def _inputs(rows=6, n=40, m=24, dtype=torch.float32):
 
 
 def _backend_of(out, op):
-    name = type(out.grad_fn).__name__
-    for backend, fn_name in GRAD_FN[op].items():
-        if name == fn_name:
-            return backend
-    return "reference"
+    return backend_of(out, GRAD_FN[op])
 
 
 @pytest.fixture(autouse=True)

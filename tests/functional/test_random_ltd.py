@@ -7,14 +7,8 @@ import pytest
 import torch
 
 from fastlayers import backends
-from fastlayers.functional.random_ltd import (
-    GatherTokens,
-    ScatterTokens,
-    bert_sample_tokens,
-    gpt_sample_tokens,
-    token_gather,
-    token_scatter_,
-)
+from fastlayers.functional import bert_sample_tokens, gpt_sample_tokens  # the samplers as the package exports them
+from fastlayers.functional.random_ltd import GatherTokens, ScatterTokens, token_gather, token_scatter_
 from fastlayers.reference.tokens import token_gather_ref, token_scatter_ref_
 from tests.tolerances import assert_close
 

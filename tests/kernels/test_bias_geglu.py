@@ -9,38 +9,26 @@ import torch
 
 from fastlayers.functional.bias_geglu import bias_geglu
 from fastlayers.reference.geglu import bias_geglu_ref
+from tests._elementwise_helpers import check_launchers, check_strided, each_backend_dtype, grads, leaves, ref_grads
 from tests.tolerances import assert_close
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
-DTYPES = [torch.float32, torch.float16]
 ACTS = ["gelu", "silu"]
 # rows x C (x is rows x 2C): rows 1 / 7 / 509, C = 40 (not a multiple of 16) and 1232 (two 1024-wide
 # column tiles in Triton, DeepSpeed's test width)
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
 SHAPES = [(1, 40), (7, 40), (509, 40), (7, 1232)]
-
-
-def _leaves(*ts):
-    return [None if t is None else t.detach().requires_grad_() for t in ts]
-
-
-def _grads(out, inputs, dout):
-    present = [t for t in inputs if t is not None]
-    got = iter(torch.autograd.grad(out, present, dout))
-    return [None if t is None else next(got) for t in inputs]
 
 
 def _reference(x, bias, dy, activation):
     """float64 reference output and grads on the same inputs."""
-    xr, br = _leaves(x.double(), None if bias is None else bias.double())
-    yr = bias_geglu_ref(xr, br, activation=activation)
-    return yr, *_grads(yr, [xr, br], dy.double())
+    return ref_grads(lambda x, b: bias_geglu_ref(x, b, activation=activation), x, bias, dy)
 
 
 def _check(backend, x, bias, dy, activation, dtype):
-    x, bias = _leaves(x, bias)
+    x, bias = leaves(x, bias)
     y = bias_geglu(x, bias, activation=activation, backend=backend)
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], x.shape[-1] // 2)
-    dx, dbias = _grads(y, [x, bias], dy)
+    dx, dbias = grads(y, [x, bias], dy)
     yr, dxr, dbr = _reference(x, bias, dy, activation)
     assert_close(y, yr, dtype, "fwd", name="y")
     assert_close(dx, dxr, dtype, "bwd", name="dx")
@@ -50,8 +38,7 @@ def _check(backend, x, bias, dy, activation, dtype):
         assert dbias.dtype == dtype
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@each_backend_dtype
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"M{r}C{c}" for r, c in SHAPES])
 def test_bias_geglu_matches_reference(backend, dtype, activation, shape):
@@ -70,8 +57,7 @@ def test_torch_backend_large_odd_shape(activation):
     _check("torch", x, bias, dy, activation, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@each_backend_dtype
 @pytest.mark.parametrize("activation", ACTS)
 def test_bias_geglu_without_bias(backend, dtype, activation):
     x = torch.randn(7, 2 * 40, dtype=dtype) * 3
@@ -108,16 +94,8 @@ def test_bias_geglu_non_contiguous_input_and_grad(backend, layout):
     base = torch.randn(40, 90) * 3
     # row stride 90 with unit column stride (no copy needed), or a transposed view (column stride != 1)
     x = base[:, :66] if layout == "row_strided" else base[:34, :66].t()
-    x = x.detach().requires_grad_()
     assert not x.is_contiguous()
-    bias = torch.randn(2 * x.shape[-1])[::2].detach().requires_grad_()  # stride-2 bias
-    y = bias_geglu(x, bias, backend=backend)
-    y.sum().backward()  # the upstream gradient is an expanded (stride-0) tensor
-    xr, br = _leaves(x.double(), bias.double())
-    bias_geglu_ref(xr, br).sum().backward()
-    assert_close(y, bias_geglu_ref(x.double(), bias.double()), torch.float32, name="y")
-    assert_close(x.grad, xr.grad, torch.float32, "bwd", name="dx")
-    assert_close(bias.grad, br.grad, torch.float32, "bwd", name="dbias")
+    check_strided(lambda x, b: bias_geglu(x, b, backend=backend), bias_geglu_ref, x)
 
 
 @pytest.mark.interpreter
@@ -129,14 +107,8 @@ def test_triton_bwd_launcher_partial_dbias_over_many_row_programs(activation):
     x = torch.randn(300, 2 * 24) * 3
     bias = torch.randn(2 * 24)
     dy = torch.randn(300, 24)
-    yr, dxr, dbr = _reference(x, bias, dy, activation)
-    assert_close(bias_geglu_fwd(x, bias, activation), yr, torch.float32, name="y")
-    dx, dbias = bias_geglu_bwd(dy, x, bias, activation)
-    assert_close(dx, dxr, torch.float32, "bwd", name="dx")
-    assert_close(dbias, dbr, torch.float32, "bwd", name="dbias")
-    dx2, none = bias_geglu_bwd(dy, x, bias, activation, need_dbias=False)
-    assert none is None
-    assert torch.equal(dx2, dx)
+    reference = _reference(x, bias, dy, activation)
+    check_launchers(bias_geglu_fwd, bias_geglu_bwd, x, bias, dy, activation, reference)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,27 +10,16 @@ import torch
 
 from fastlayers.functional.bias_gelu import bias_gelu, bias_gelu_linear
 from fastlayers.reference.activations import bias_gelu_linear_ref, bias_gelu_ref
+from tests._elementwise_helpers import check_launchers, check_strided, each_backend_dtype, grads, leaves, ref_grads
 from tests.tolerances import assert_close, assert_close_to_reference, tol
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
-DTYPES = [torch.float32, torch.float16]
 APPROX = ["none", "tanh"]
 # rows x width: non-powers of two, rows 1 / 7 / 97; 1023 and 1500 span two 1024-wide column tiles in Triton
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
 SHAPES = [(r, n) for r in (1, 7, 97) for n in (64, 1023, 1500)]
 
 
-def _leaves(*ts):
-    return [None if t is None else t.detach().requires_grad_() for t in ts]
-
-
-def _grads(out, inputs, dout):
-    present = [t for t in inputs if t is not None]
-    got = iter(torch.autograd.grad(out, present, dout))
-    return [None if t is None else next(got) for t in inputs]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@each_backend_dtype
 @pytest.mark.parametrize("approximate", APPROX)
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"M{r}N{n}" for r, n in SHAPES])
 def test_bias_gelu_matches_reference(backend, dtype, approximate, shape):
@@ -38,22 +27,19 @@ def test_bias_gelu_matches_reference(backend, dtype, approximate, shape):
     x = torch.randn(r, n, dtype=dtype) * 3  # reaches both GELU tails
     bias = torch.randn(n, dtype=dtype)
     dy = torch.randn(r, n, dtype=dtype)
-    x, bias = _leaves(x, bias)
+    x, bias = leaves(x, bias)
     y = bias_gelu(x, bias, approximate=approximate, backend=backend)
     assert y.dtype == dtype and y.shape == x.shape
-    dx, dbias = _grads(y, [x, bias], dy)
+    dx, dbias = grads(y, [x, bias], dy)
 
-    xr, br = _leaves(x.double(), bias.double())
-    yr = bias_gelu_ref(xr, br, approximate=approximate)
-    dxr, dbr = _grads(yr, [xr, br], dy.double())
+    yr, dxr, dbr = ref_grads(lambda x, b: bias_gelu_ref(x, b, approximate=approximate), x, bias, dy)
     assert_close(y, yr, dtype, "fwd", name="y")
     assert_close(dx, dxr, dtype, "bwd", name="dx")
     assert_close(dbias, dbr, dtype, "bwd", name="dbias")
     assert dbias.dtype == dtype
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@each_backend_dtype
 @pytest.mark.parametrize("approximate", APPROX)
 def test_bias_gelu_without_bias_3d(backend, dtype, approximate):
     x = (torch.randn(2, 7, 100, dtype=dtype) * 3).requires_grad_()
@@ -93,22 +79,17 @@ def test_bias_gelu_non_contiguous_input_and_grad(backend, layout):
     base = torch.randn(40, 80) * 3
     # row stride 80 with unit column stride (no copy needed), or a transposed view (column stride != 1)
     x = base[:, :33] if layout == "row_strided" else base[:33, :].t()
-    x = x.detach().requires_grad_()
-    bias = torch.randn(2 * x.shape[-1])[::2].detach().requires_grad_()  # stride-2 bias
-    y = bias_gelu(x, bias, approximate="tanh", backend=backend)
-    y.sum().backward()  # the upstream gradient is an expanded (stride-0) tensor
-    xr, br = _leaves(x.double(), bias.double())
-    bias_gelu_ref(xr, br, approximate="tanh").sum().backward()
-    assert_close(y, bias_gelu_ref(x.double(), bias.double(), approximate="tanh"), torch.float32, name="y")
-    assert_close(x.grad, xr.grad, torch.float32, "bwd", name="dx")
-    assert_close(bias.grad, br.grad, torch.float32, "bwd", name="dbias")
+    check_strided(
+        lambda x, b: bias_gelu(x, b, approximate="tanh", backend=backend),
+        lambda x, b: bias_gelu_ref(x, b, approximate="tanh"),
+        x,
+    )
 
 
 LINEAR_SHAPES = [(7, 64, 48), (37, 1023, 24)]  # (rows, N, M)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@each_backend_dtype
 @pytest.mark.parametrize("approximate", APPROX)
 @pytest.mark.parametrize("checkpoint", [False, True], ids=["save", "ckpt"])
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=[f"M{r}N{n}O{m}" for r, n, m in LINEAR_SHAPES])
@@ -119,15 +100,15 @@ def test_bias_gelu_linear_matches_reference(backend, dtype, approximate, checkpo
     w = torch.randn(m, n, dtype=dtype) / n**0.5
     ob = torch.randn(m, dtype=dtype)
     dout = torch.randn(r, m, dtype=dtype)
-    inputs = _leaves(x, bias, w, ob)
+    inputs = leaves(x, bias, w, ob)
     out = bias_gelu_linear(*inputs, approximate=approximate, checkpoint=checkpoint, backend=backend)
     assert out.dtype == dtype and out.shape == (r, m)
-    got = [out, *_grads(out, inputs, dout)]
+    got = [out, *grads(out, inputs, dout)]
 
     def reference(dt, upcast):
-        ins = _leaves(*(t.to(dt) for t in inputs))
+        ins = leaves(*(t.to(dt) for t in inputs))
         o = bias_gelu_linear_ref(*ins, approximate=approximate, upcast=upcast)
-        return [o, *_grads(o, ins, dout.to(dt))]
+        return [o, *grads(o, ins, dout.to(dt))]
 
     hi = reference(torch.float64, False)
     low = reference(dtype, True)
@@ -150,16 +131,8 @@ def test_triton_bwd_launcher_partial_dbias_over_many_row_programs(approximate):
     x = torch.randn(300, 48) * 3
     bias = torch.randn(48)
     dy = torch.randn(300, 48)
-    xr, br = _leaves(x.double(), bias.double())
-    yr = bias_gelu_ref(xr, br, approximate=approximate)
-    dxr, dbr = _grads(yr, [xr, br], dy.double())
-    assert_close(bias_gelu_fwd(x, bias, approximate), yr, torch.float32, name="y")
-    dx, dbias = bias_gelu_bwd(dy, x, bias, approximate)
-    assert_close(dx, dxr, torch.float32, "bwd", name="dx")
-    assert_close(dbias, dbr, torch.float32, "bwd", name="dbias")
-    dx2, none = bias_gelu_bwd(dy, x, bias, approximate, need_dbias=False)
-    assert none is None
-    assert torch.equal(dx2, dx)
+    reference = ref_grads(lambda x, b: bias_gelu_ref(x, b, approximate=approximate), x, bias, dy)
+    check_launchers(bias_gelu_fwd, bias_gelu_bwd, x, bias, dy, approximate, reference)
 
 
 @pytest.mark.parametrize("approximate", APPROX)
@@ -170,9 +143,7 @@ def test_torch_backend_fp64_and_bf16(approximate, dtype):
     dy = torch.randn(7, 1023, dtype=dtype)
     y = bias_gelu(x, bias, approximate=approximate, backend="torch")
     dx, dbias = torch.autograd.grad(y, (x, bias), dy)
-    xr, br = _leaves(x.double(), bias.double())
-    yr = bias_gelu_ref(xr, br, approximate=approximate)
-    dxr, dbr = _grads(yr, [xr, br], dy.double())
+    yr, dxr, dbr = ref_grads(lambda x, b: bias_gelu_ref(x, b, approximate=approximate), x, bias, dy)
     assert_close(y, yr, dtype, name="y")
     assert_close(dx, dxr, dtype, "bwd", name="dx")
     assert_close(dbias, dbr, dtype, "bwd", name="dbias")

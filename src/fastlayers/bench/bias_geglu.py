@@ -12,54 +12,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastlayers.bench.bias_gelu import bench_dtype, bias_act_case
 from fastlayers.bench.harness import Case
 from fastlayers.functional.bias_geglu import bias_geglu
-from fastlayers.memory import saved_activation_bytes
 from fastlayers.utils import dtype_name
 
 _ACT = {"gelu": F.gelu, "silu": F.silu}
 
 
-def _dtype(device: torch.device) -> torch.dtype:
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
 def _case(rows: int, c: int, activation: str, device: torch.device, dtype: torch.dtype | None = None) -> Case:
-    dtype = dtype or _dtype(device)
+    dtype = dtype or bench_dtype(device)
     act = _ACT[activation]
-    t: dict[str, torch.Tensor] = {}
-    extra: dict = {}
 
-    def ours_fwd():
-        return bias_geglu(t["x"], t["b"], activation=activation)
-
-    def peer_fwd():
-        h, g = (t["x"] + t["b"]).chunk(2, -1)
+    def peer(x, b):
+        h, g = (x + b).chunk(2, -1)
         return h * act(g)
 
-    def step(fwd):
-        def run():
-            t["x"].grad = t["b"].grad = None
-            fwd().backward(t["dy"])
-
-        return run
-
-    def setup():
-        t["x"] = torch.randn(rows, 2 * c, device=device, dtype=dtype, requires_grad=True)
-        t["b"] = torch.randn(2 * c, device=device, dtype=dtype, requires_grad=True)
-        t["dy"] = torch.randn(rows, c, device=device, dtype=dtype)
-        inputs = (t["x"], t["b"])
-        extra["ours_saved_bytes"] = saved_activation_bytes(ours_fwd, exclude=inputs)
-        extra["peer_saved_bytes"] = saved_activation_bytes(peer_fwd, exclude=inputs)
-
-    return Case(
-        name=f"bias_geglu fwd+bwd {rows}x2*{c} {activation} {dtype_name(dtype)}",
-        ours=step(ours_fwd),
-        peer=step(peer_fwd),
-        peer_name=f"h * F.{activation}(g), h, g = (x + b).chunk(2, -1)",
-        extra=extra,
-        setup=setup,
-        teardown=t.clear,
+    return bias_act_case(
+        f"bias_geglu fwd+bwd {rows}x2*{c} {activation} {dtype_name(dtype)}",
+        lambda x, b: bias_geglu(x, b, activation=activation),
+        peer,
+        f"h * F.{activation}(g), h, g = (x + b).chunk(2, -1)",
+        (rows, 2 * c),
+        (rows, c),
+        device,
+        dtype,
     )
 
 

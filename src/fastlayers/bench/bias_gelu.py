@@ -17,20 +17,31 @@ from fastlayers.functional.bias_gelu import bias_gelu, bias_gelu_linear
 from fastlayers.memory import saved_activation_bytes
 
 
-def _dtype(device: torch.device) -> torch.dtype:
+def bench_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA, fp32 on CPU (also used by bench/bias_geglu.py)."""
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def _act_case(rows: int, n: int, approximate: str, device: torch.device) -> Case:
-    dtype = _dtype(device)
+def bias_act_case(
+    name: str,
+    ours,
+    peer,
+    peer_name: str,
+    x_shape: tuple[int, ...],
+    dy_shape: tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Case:
+    """Training fwd+bwd of `ours(x, b)` vs `peer(x, b)`: x of x_shape, bias of x_shape[-1:], upstream grad of
+    dy_shape, all random in `dtype`; `extra` records the activation bytes each keeps (x and b excluded)."""
     t: dict[str, torch.Tensor] = {}
     extra: dict = {}
 
     def ours_fwd():
-        return bias_gelu(t["x"], t["b"], approximate=approximate)
+        return ours(t["x"], t["b"])
 
     def peer_fwd():
-        return F.gelu(t["x"] + t["b"], approximate=approximate)
+        return peer(t["x"], t["b"])
 
     def step(fwd):
         def run():
@@ -40,26 +51,39 @@ def _act_case(rows: int, n: int, approximate: str, device: torch.device) -> Case
         return run
 
     def setup():
-        t["x"] = torch.randn(rows, n, device=device, dtype=dtype, requires_grad=True)
-        t["b"] = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
-        t["dy"] = torch.randn(rows, n, device=device, dtype=dtype)
+        t["x"] = torch.randn(x_shape, device=device, dtype=dtype, requires_grad=True)
+        t["b"] = torch.randn(x_shape[-1], device=device, dtype=dtype, requires_grad=True)
+        t["dy"] = torch.randn(dy_shape, device=device, dtype=dtype)
         inputs = (t["x"], t["b"])
         extra["ours_saved_bytes"] = saved_activation_bytes(ours_fwd, exclude=inputs)
         extra["peer_saved_bytes"] = saved_activation_bytes(peer_fwd, exclude=inputs)
 
     return Case(
-        name=f"bias_gelu fwd+bwd {rows}x{n} {approximate}",
+        name=name,
         ours=step(ours_fwd),
         peer=step(peer_fwd),
-        peer_name="F.gelu(x + b)",
+        peer_name=peer_name,
         extra=extra,
         setup=setup,
         teardown=t.clear,
     )
 
 
+def _act_case(rows: int, n: int, approximate: str, device: torch.device) -> Case:
+    return bias_act_case(
+        f"bias_gelu fwd+bwd {rows}x{n} {approximate}",
+        lambda x, b: bias_gelu(x, b, approximate=approximate),
+        lambda x, b: F.gelu(x + b, approximate=approximate),
+        "F.gelu(x + b)",
+        (rows, n),
+        (rows, n),
+        device,
+        bench_dtype(device),
+    )
+
+
 def _linear_case(rows: int, n: int, m: int, approximate: str, checkpoint: bool, device: torch.device) -> Case:
-    dtype = _dtype(device)
+    dtype = bench_dtype(device)
     t: dict[str, torch.Tensor] = {}
     extra: dict = {"checkpoint": checkpoint}
 

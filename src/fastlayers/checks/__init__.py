@@ -38,6 +38,34 @@ class Check:
     backends: tuple[str, ...] = ("torch", "triton")
 
 
+# (atol, rtol) per dtype, the backward tolerances of tests/tolerances.py (outputs and grads share one check)
+BWD_TOLS = {torch.float32: (9e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (1e-1, 5e-2)}
+
+
+def run_fwd_bwd(fn, t: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """fn(**leaves) forward and backward, the leaves being every entry of t but "dout" (the upstream gradient),
+    cast to `dtype` if given; returns the output ("out") and the grads of every leaf ("d<name>")."""
+    leaves = {k: (v if dtype is None else v.to(dtype)).detach().requires_grad_() for k, v in t.items() if k != "dout"}
+    out = fn(**leaves)
+    dout = t["dout"] if dtype is None else t["dout"].to(dtype)
+    grads = torch.autograd.grad(out, list(leaves.values()), dout)
+    return {"out": out.detach(), **{f"d{k}": g for k, g in zip(leaves, grads, strict=True)}}
+
+
+def fwd_bwd_check(name: str, fn, ref, t: dict[str, torch.Tensor], dtype: torch.dtype) -> Check:
+    """A Check of `fn(backend, **leaves)` against the float64 `ref(**leaves)` on the inputs t (see run_fwd_bwd),
+    with the BWD_TOLS of dtype."""
+
+    def run(backend):
+        return run_fwd_bwd(lambda **leaves: fn(backend, **leaves), t)
+
+    def reference():
+        return run_fwd_bwd(ref, t, torch.float64)
+
+    atol, rtol = BWD_TOLS[dtype]
+    return Check(name, run, reference, dtype, atol, rtol)
+
+
 @dataclass
 class Result:
     op: str

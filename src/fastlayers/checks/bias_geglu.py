@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from fastlayers.checks import Check
+from fastlayers.checks import Check, fwd_bwd_check
 from fastlayers.functional.bias_geglu import bias_geglu
 from fastlayers.reference.geglu import bias_geglu_ref
 from fastlayers.utils import dtype_name
 
-# (atol, rtol) per dtype, the backward tolerances of tests/tolerances.py (outputs and grads share one check)
-TOLS = {torch.float32: (9e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (1e-1, 5e-2)}
 ROWS, C = 64, 160  # x (64, 320): small enough for the Triton interpreter, C not a power of two
 
 
@@ -25,26 +23,14 @@ def _inputs(device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]
     return {k: v.to(device=device, dtype=dtype) for k, v in t.items()}
 
 
-def _run(fn, t: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """fn(**leaves) forward and backward; returns the output and the grads of every input."""
-    leaves = {k: (v if dtype is None else v.to(dtype)).detach().requires_grad_() for k, v in t.items() if k != "dout"}
-    out = fn(**leaves)
-    dout = t["dout"] if dtype is None else t["dout"].to(dtype)
-    grads = torch.autograd.grad(out, list(leaves.values()), dout)
-    return {"out": out.detach(), **{f"d{k}": g for k, g in zip(leaves, grads, strict=True)}}
-
-
 def _check(device, dtype, activation) -> Check:
-    t = _inputs(device, dtype)
-
-    def run(backend):
-        return _run(lambda x, bias: bias_geglu(x, bias, activation=activation, backend=backend), t)
-
-    def reference():
-        return _run(lambda x, bias: bias_geglu_ref(x, bias, activation=activation), t, torch.float64)
-
-    atol, rtol = TOLS[dtype]
-    return Check(f"bias_geglu {activation} {dtype_name(dtype)}", run, reference, dtype, atol, rtol)
+    return fwd_bwd_check(
+        f"bias_geglu {activation} {dtype_name(dtype)}",
+        lambda backend, x, bias: bias_geglu(x, bias, activation=activation, backend=backend),
+        lambda x, bias: bias_geglu_ref(x, bias, activation=activation),
+        _inputs(device, dtype),
+        dtype,
+    )
 
 
 def checks(device: torch.device) -> list[Check]:

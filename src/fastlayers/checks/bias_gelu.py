@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from fastlayers.checks import Check
+from fastlayers.checks import Check, fwd_bwd_check
 from fastlayers.functional.bias_gelu import bias_gelu, bias_gelu_linear
 from fastlayers.reference.activations import bias_gelu_linear_ref, bias_gelu_ref
 from fastlayers.utils import dtype_name
 
-# (atol, rtol) per dtype, the backward tolerances of tests/tolerances.py (outputs and grads share one check)
-TOLS = {torch.float32: (9e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (1e-1, 5e-2)}
 ROWS, N, M = 64, 256, 64  # small enough for the Triton interpreter
 
 
@@ -25,48 +23,27 @@ def _inputs(device: torch.device, dtype: torch.dtype, linear: bool) -> dict[str,
     return {k: v.to(device=device, dtype=dtype) for k, v in t.items()}
 
 
-def _run(fn, t: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """fn(**leaves) forward and backward; returns the output and the grads of every input."""
-    leaves = {k: (v if dtype is None else v.to(dtype)).detach().requires_grad_() for k, v in t.items() if k != "dout"}
-    out = fn(**leaves)
-    dout = t["dout"] if dtype is None else t["dout"].to(dtype)
-    grads = torch.autograd.grad(out, list(leaves.values()), dout)
-    return {"out": out.detach(), **{f"d{k}": g for k, g in zip(leaves, grads, strict=True)}}
-
-
 def _act_check(device, dtype, approximate) -> Check:
-    t = _inputs(device, dtype, linear=False)
-
-    def run(backend):
-        return _run(lambda x, bias: bias_gelu(x, bias, approximate=approximate, backend=backend), t)
-
-    def reference():
-        return _run(lambda x, bias: bias_gelu_ref(x, bias, approximate=approximate), t, torch.float64)
-
-    atol, rtol = TOLS[dtype]
-    return Check(f"bias_gelu {approximate} {dtype_name(dtype)}", run, reference, dtype, atol, rtol)
+    return fwd_bwd_check(
+        f"bias_gelu {approximate} {dtype_name(dtype)}",
+        lambda backend, x, bias: bias_gelu(x, bias, approximate=approximate, backend=backend),
+        lambda x, bias: bias_gelu_ref(x, bias, approximate=approximate),
+        _inputs(device, dtype, linear=False),
+        dtype,
+    )
 
 
 def _linear_check(device, dtype, approximate, checkpoint) -> Check:
-    t = _inputs(device, dtype, linear=True)
+    def fn(backend, x, bias, weight, out_bias):
+        return bias_gelu_linear(
+            x, bias, weight, out_bias, approximate=approximate, checkpoint=checkpoint, backend=backend
+        )
 
-    def run(backend):
-        def fn(x, bias, weight, out_bias):
-            return bias_gelu_linear(
-                x, bias, weight, out_bias, approximate=approximate, checkpoint=checkpoint, backend=backend
-            )
+    def reference(x, bias, weight, out_bias):
+        return bias_gelu_linear_ref(x, bias, weight, out_bias, approximate=approximate)
 
-        return _run(fn, t)
-
-    def reference():
-        def fn(x, bias, weight, out_bias):
-            return bias_gelu_linear_ref(x, bias, weight, out_bias, approximate=approximate)
-
-        return _run(fn, t, torch.float64)
-
-    atol, rtol = TOLS[dtype]
     name = f"bias_gelu_linear {approximate} {'ckpt' if checkpoint else 'save'} {dtype_name(dtype)}"
-    return Check(name, run, reference, dtype, atol, rtol)
+    return fwd_bwd_check(name, fn, reference, _inputs(device, dtype, linear=True), dtype)
 
 
 def checks(device: torch.device) -> list[Check]:

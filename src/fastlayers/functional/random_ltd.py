@@ -391,6 +391,21 @@ def _check_mask(attn_mask, batch_size: int, seq_length: int, fn: str, key_paddin
         raise ValueError(f"{fn}: attn_mask must have shape {want}, got {tuple(attn_mask.shape)}")
 
 
+def _sample(reserved_length, seq_length, batch_size, layers, device, attn_mask, generator, *, encoder: bool):
+    """The samplers' common part: check the arguments (before any draw), then draw the (L, B, R) int32 indices.
+
+    Decoder (gpt_sample_tokens): attn_mask optional, (B or 1, H, S, S). Encoder (bert_sample_tokens): attn_mask
+    required, and a key-padding (B or 1, H, 1, S) mask is accepted too.
+    """
+    fn = "bert_sample_tokens" if encoder else "gpt_sample_tokens"
+    device = _check_sizes(reserved_length, seq_length, batch_size, layers, device, generator)
+    if attn_mask is None and encoder:
+        raise ValueError(f"{fn} requires attn_mask (the encoder's (B, 1, S, S) or (B, 1, 1, S) mask), got None")
+    if attn_mask is not None:
+        _check_mask(attn_mask, batch_size, seq_length, fn, key_padding_ok=encoder)
+    return sample_token_indices(reserved_length, seq_length, batch_size, layers, device, generator)
+
+
 def gpt_sample_tokens(
     reserved_length: int,
     seq_length: int,
@@ -423,10 +438,7 @@ def gpt_sample_tokens(
     Returns:
         (indices (L, B, R) int32, attn_mask[:, :, :R, :R] or None)
     """
-    device = _check_sizes(reserved_length, seq_length, batch_size, layers, device, generator)
-    if attn_mask is not None:
-        _check_mask(attn_mask, batch_size, seq_length, "gpt_sample_tokens", key_padding_ok=False)
-    indices = sample_token_indices(reserved_length, seq_length, batch_size, layers, device, generator)
+    indices = _sample(reserved_length, seq_length, batch_size, layers, device, attn_mask, generator, encoder=False)
     part_mask = None if attn_mask is None else attn_mask[:, :, :reserved_length, :reserved_length]
     return indices, part_mask
 
@@ -455,11 +467,5 @@ def bert_sample_tokens(
     Returns:
         (indices (L, B, R) int32, list of L masks, each (B, H, R, R) or (B, H, 1, R), dtype of attn_mask)
     """
-    device = _check_sizes(reserved_length, seq_length, batch_size, layers, device, generator)
-    if attn_mask is None:
-        raise ValueError(
-            "bert_sample_tokens requires attn_mask (the encoder's (B, 1, S, S) or (B, 1, 1, S) mask), got None"
-        )
-    _check_mask(attn_mask, batch_size, seq_length, "bert_sample_tokens", key_padding_ok=True)
-    indices = sample_token_indices(reserved_length, seq_length, batch_size, layers, device, generator)
+    indices = _sample(reserved_length, seq_length, batch_size, layers, device, attn_mask, generator, encoder=True)
     return indices, [gather_mask_ref(attn_mask, indices[layer]) for layer in range(layers)]

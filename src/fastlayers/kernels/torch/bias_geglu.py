@@ -12,21 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_HALF = (torch.float16, torch.bfloat16)
+from fastlayers.kernels.torch.bias_gelu import column_sums, compute_dtype, preact, to_dtype
+
 ACTIVATIONS = ("gelu", "silu")
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float32 if x.dtype in _HALF else x.dtype
-
-
-def _preact(x: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
-    """A fresh tensor y = x + bias in `compute_dtype` (safe to overwrite)."""
-    if bias is None:
-        return x.to(compute_dtype, copy=True)
-    if x.dtype == compute_dtype:
-        return torch.add(x, bias)  # (..., 2C) + (2C,): one pass, one allocation
-    return x.to(compute_dtype).add_(bias)  # bias promoted to compute_dtype inside the add
 
 
 def _act(g: torch.Tensor, activation: str) -> torch.Tensor:
@@ -58,11 +46,11 @@ def _act_backward_into(grad: torch.Tensor, g: torch.Tensor, activation: str) -> 
 
 def bias_geglu_fwd(x: torch.Tensor, bias: torch.Tensor | None, activation: str = "gelu") -> torch.Tensor:
     """out = h · act(gate), (h, gate) = halves of x + bias: x (..., 2C) -> (..., C) in x.dtype (fp32 maths for half)."""
-    cdt = _compute_dtype(x)
+    cdt = compute_dtype(x)
     if bias is None and x.dtype == cdt:
         h, g = x.chunk(2, dim=-1)
         return _act(g, activation).mul_(h)  # one (..., C) allocation, x untouched
-    y = _preact(x, bias, cdt)  # (..., 2C)
+    y = preact(x, bias, cdt)  # (..., 2C)
     h, g = y.chunk(2, dim=-1)  # views: value, gate
     _act_(g, activation)
     out = torch.empty(h.shape, dtype=x.dtype, device=x.device)
@@ -70,28 +58,19 @@ def bias_geglu_fwd(x: torch.Tensor, bias: torch.Tensor | None, activation: str =
 
 
 def bias_geglu_bwd(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    bias: torch.Tensor | None,
-    activation: str = "gelu",
-    need_dbias: bool = True,
+    dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, activation: str = "gelu", need_dbias: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dh = dy · act(gate), dgate = dy · h · act'(gate), dx = [dh, dgate]; dbias = Σ_rows dx (fp32 accumulation).
 
     Returns (dx with the shape and dtype of x, dbias of shape (2C,) and dtype of bias, or None).
     """
-    cdt = _compute_dtype(x)
-    y = _preact(x, bias, cdt)  # (..., 2C), becomes dx
+    cdt = compute_dtype(x)
+    y = preact(x, bias, cdt)  # (..., 2C), becomes dx
     h, g = y.chunk(2, dim=-1)
-    g_dy = dy if dy.dtype == cdt else dy.to(cdt)
+    g_dy = to_dtype(dy, cdt)
     a = _act(g, activation)  # act(gate), (..., C)
     dyh = torch.mul(g_dy, h)  # dy · h, (..., C)
     _act_backward_into(dyh, g, activation)  # gate half of y <- dy · h · act'(gate)
     torch.mul(g_dy, a, out=h)  # value half of y <- dy · act(gate) (h is no longer needed)
-    dbias = None
-    if bias is not None and need_dbias:
-        # column sums as a GEMV, ones(rows) @ dx (fp32 or fp64): about 2x faster on CPU than dx.sum(0)
-        y2 = y.reshape(-1, y.shape[-1])  # (rows, 2C)
-        dbias = torch.mv(y2.t(), y2.new_ones(y2.shape[0])).to(bias.dtype)
-    dx = y if y.dtype == x.dtype else y.to(x.dtype)
-    return dx, dbias
+    dbias = column_sums(y, bias.dtype) if bias is not None and need_dbias else None
+    return to_dtype(y, x.dtype), dbias

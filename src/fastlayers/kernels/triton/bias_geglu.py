@@ -12,9 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlayers.kernels.triton._common import TORCH_TO_SIG, num_programs_hint
-from fastlayers.kernels.triton.aot import AotSpec
-from fastlayers.utils import cdiv, next_pow2
+from fastlayers.kernels.triton import _common
+from fastlayers.kernels.triton._common import gelu_erf, gelu_erf_cdf_grad, row_block, row_run, tile_ptrs
+from fastlayers.utils import next_pow2
 
 ACTIVATIONS = ("gelu", "silu")
 
@@ -25,8 +25,7 @@ def _bias_geglu_act_inner(g, ACT_SILU: tl.constexpr):
     if ACT_SILU:
         a = g / (1.0 + tl.exp(-g))  # g·sigmoid(g); exp overflow to inf gives -0, not NaN
     else:
-        # 0.7071067811 = 1/sqrt(2)
-        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        a = gelu_erf(g)
     return a
 
 
@@ -38,10 +37,8 @@ def _bias_geglu_act_grad_inner(g, ACT_SILU: tl.constexpr):
         a = g * s
         da = s * (1.0 + g * (1.0 - s))
     else:
-        # Φ(g) + g·φ(g); 0.3989422804 = 1/sqrt(2π)
-        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        cdf, da = gelu_erf_cdf_grad(g)  # Φ(g), Φ(g) + g·φ(g)
         a = g * cdf
-        da = cdf + g * (0.3989422804014327 * tl.exp(-0.5 * g * g))
     return a, da
 
 
@@ -59,12 +56,10 @@ def _bias_geglu_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     ACT_SILU: tl.constexpr,
 ):
-    # -- one (BLOCK_M, BLOCK_N) output tile per program; int64 rows so row * stride cannot overflow --
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of the value half; gate is C + cols
-    col_mask = cols < C
-    mask = (rows[:, None] < M) & col_mask[None, :]
-    x_ptrs = X_ptr + rows[:, None] * stride_x_row + cols[None, :]
+    # -- one (BLOCK_M, BLOCK_N) output tile per program; columns of the value half, the gate is C + cols --
+    _, row0, cols, col_mask = row_run(BLOCK_M, C, BLOCK_N)
+    rows, mask = row_block(row0, M, col_mask, BLOCK_M)
+    x_ptrs = tile_ptrs(X_ptr, rows, cols, stride_x_row)
     # all maths in fp32; cast to the output dtype at the store
     h = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(x_ptrs + C, mask=mask, other=0.0).to(tl.float32)
@@ -72,7 +67,7 @@ def _bias_geglu_fwd_kernel(
         h += tl.load(B_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         g += tl.load(B_ptr + C + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     y = h * _bias_geglu_act_inner(g, ACT_SILU)
-    tl.store(Y_ptr + rows[:, None] * stride_y_row + cols[None, :], y.to(Y_ptr.dtype.element_ty), mask=mask)
+    tl.store(tile_ptrs(Y_ptr, rows, cols, stride_y_row), y.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -95,21 +90,17 @@ def _bias_geglu_bwd_kernel(
     HAS_DBIAS: tl.constexpr,  # write the partial column sums of dx (bias present and its grad wanted)
     ACT_SILU: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < C
+    pid_m, row0, cols, col_mask = row_run(rows_per_prog, C, BLOCK_N)
     if HAS_BIAS:
         bh = tl.load(B_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         bg = tl.load(B_ptr + C + cols, mask=col_mask, other=0.0).to(tl.float32)
     dbh = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dbg = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    row0 = pid_m * rows_per_prog
     # -- walk this program's rows one tile at a time, all maths in fp32 --
     for r in range(0, rows_per_prog, BLOCK_M):
-        rows = row0 + r + tl.arange(0, BLOCK_M)
-        mask = (rows[:, None] < M) & col_mask[None, :]
-        x_ptrs = X_ptr + rows[:, None] * stride_x_row + cols[None, :]
-        dy = tl.load(DY_ptr + rows[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rows, mask = row_block(row0 + r, M, col_mask, BLOCK_M)
+        x_ptrs = tile_ptrs(X_ptr, rows, cols, stride_x_row)
+        dy = tl.load(tile_ptrs(DY_ptr, rows, cols, stride_dy_row), mask=mask, other=0.0).to(tl.float32)
         h = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(x_ptrs + C, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -118,7 +109,7 @@ def _bias_geglu_bwd_kernel(
         a, da = _bias_geglu_act_grad_inner(g, ACT_SILU)
         dh = dy * a
         dg = dy * h * da
-        dx_ptrs = DX_ptr + rows[:, None] * stride_dx_row + cols[None, :]
+        dx_ptrs = tile_ptrs(DX_ptr, rows, cols, stride_dx_row)
         tl.store(dx_ptrs, dh.to(DX_ptr.dtype.element_ty), mask=mask)
         tl.store(dx_ptrs + C, dg.to(DX_ptr.dtype.element_ty), mask=mask)
         if HAS_DBIAS:
@@ -138,17 +129,6 @@ def _config(c: int) -> tuple[int, int, int]:
     return max(1, 1024 // block_n), block_n, 4
 
 
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """(M, n) view of t; the kernels need a unit stride along the last dim, so copy only when it is missing."""
-    t2 = t.reshape(-1, n)
-    return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 else t2.contiguous()
-
-
-def _vec(bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The kernels read the bias with unit stride."""
-    return None if bias is None else bias.contiguous()
-
-
 def _check_activation(activation: str) -> bool:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -165,38 +145,12 @@ def bias_geglu_fwd(x: torch.Tensor, bias: torch.Tensor | None, activation: str =
     """out = h · act(gate), (h, gate) = halves of x + bias: x (..., 2C), bias (2C,) or None -> (..., C), x.dtype."""
     act_silu = _check_activation(activation)
     c = _check_even(x)
-    bias = _vec(bias)
-    x2 = _rows(x, 2 * c)
-    m = x2.shape[0]
-    y = torch.empty((m, c), dtype=x.dtype, device=x.device)
-    out_shape = (*x.shape[:-1], c)
-    if m == 0 or c == 0:
-        return y.view(out_shape)
-    block_m, block_n, num_warps = _config(c)
-    grid = (cdiv(m, block_m), cdiv(c, block_n))
-    _bias_geglu_fwd_kernel[grid](
-        x2,
-        x2 if bias is None else bias,
-        y,
-        x2.stride(0),
-        y.stride(0),
-        m,
-        c,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        HAS_BIAS=bias is not None,
-        ACT_SILU=act_silu,
-        num_warps=num_warps,
-    )
-    return y.view(out_shape)
+    y = _common.bias_act_fwd(_bias_geglu_fwd_kernel, x, bias, c, _config, ACT_SILU=act_silu)
+    return y.view(*x.shape[:-1], c)
 
 
 def bias_geglu_bwd(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    bias: torch.Tensor | None,
-    activation: str = "gelu",
-    need_dbias: bool = True,
+    dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, activation: str = "gelu", need_dbias: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dx = [dy · act(gate), dy · h · act'(gate)] and dbias = Σ_rows dx (fp32 partials per program, summed here).
 
@@ -204,100 +158,10 @@ def bias_geglu_bwd(
     """
     act_silu = _check_activation(activation)
     c = _check_even(x)
-    bias = _vec(bias)
-    x2, dy2 = _rows(x, 2 * c), _rows(dy, c)
-    m = x2.shape[0]
-    has_db = bias is not None and need_dbias
-    dx = torch.empty((m, 2 * c), dtype=x.dtype, device=x.device)
-    if m == 0 or c == 0:
-        dbias = torch.zeros_like(bias) if has_db else None
-        return dx.view(x.shape), dbias
-    block_m, block_n, num_warps = _config(c)
-    n_col = cdiv(c, block_n)
-    # about 4 programs per SM in all (a small constant under the interpreter); each owns a run of rows
-    n_row_progs = max(1, min(cdiv(m, block_m), 4 * num_programs_hint(x.device) // n_col))
-    rows_per_prog = cdiv(cdiv(m, block_m), n_row_progs) * block_m
-    n_row_progs = cdiv(m, rows_per_prog)
-    partial = torch.empty((n_row_progs, 2 * c), dtype=torch.float32, device=x.device) if has_db else dx
-    _bias_geglu_bwd_kernel[(n_row_progs, n_col)](
-        dy2,
-        x2,
-        x2 if bias is None else bias,
-        dx,
-        partial,
-        dy2.stride(0),
-        x2.stride(0),
-        dx.stride(0),
-        partial.stride(0),
-        m,
-        c,
-        rows_per_prog,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        HAS_BIAS=bias is not None,
-        HAS_DBIAS=has_db,
-        ACT_SILU=act_silu,
-        num_warps=num_warps,
-    )
-    dbias = partial.sum(0).to(bias.dtype) if has_db else None
-    return dx.view(x.shape), dbias
+    return _common.bias_act_bwd(_bias_geglu_bwd_kernel, dy, x, bias, c, _config, need_dbias, ACT_SILU=act_silu)
 
 
-def _signature(kernel, types: dict[str, str]) -> dict[str, str]:
-    """Every argument in order: the given types, constexpr for the rest."""
-    return {name: types.get(name, "constexpr") for name in kernel.arg_names}
-
-
-def _aot_specs() -> list[AotSpec]:
-    """The default (Stable Diffusion FF width, C >= 1024) config for each dtype and activation, with a bias
-    (and dbias)."""
-    block_m, block_n, num_warps = _config(1280)
-    specs = []
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        t = TORCH_TO_SIG[dtype]
-        for act_silu in (False, True):
-            consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HAS_BIAS": True, "ACT_SILU": act_silu}
-            tag = f"{t[1:]},{'silu' if act_silu else 'gelu'},BLOCK_M={block_m},BLOCK_N={block_n}"
-            fwd_types = {
-                "X_ptr": t,
-                "B_ptr": t,
-                "Y_ptr": t,
-                "stride_x_row": "i32",
-                "stride_y_row": "i32",
-                "M": "i32",
-                "C": "i32",
-            }
-            bwd_types = {
-                "DY_ptr": t,
-                "X_ptr": t,
-                "B_ptr": t,
-                "DX_ptr": t,
-                "DB_ptr": "*fp32",
-                "stride_dy_row": "i32",
-                "stride_x_row": "i32",
-                "stride_dx_row": "i32",
-                "stride_db_row": "i32",
-                "M": "i32",
-                "C": "i32",
-                "rows_per_prog": "i32",
-            }
-            specs += [
-                AotSpec(
-                    name=f"bias_geglu_fwd[{tag}]",
-                    kernel=_bias_geglu_fwd_kernel,
-                    signature=_signature(_bias_geglu_fwd_kernel, fwd_types),
-                    constexprs=consts,
-                    num_warps=num_warps,
-                ),
-                AotSpec(
-                    name=f"bias_geglu_bwd[{tag}]",
-                    kernel=_bias_geglu_bwd_kernel,
-                    signature=_signature(_bias_geglu_bwd_kernel, bwd_types),
-                    constexprs={**consts, "HAS_DBIAS": True},
-                    num_warps=num_warps,
-                ),
-            ]
-    return specs
-
-
-AOT_SPECS = _aot_specs()
+# the default (Stable Diffusion FF width, C >= 1024) config for each dtype and activation, with a bias (and dbias)
+AOT_SPECS = _common.bias_act_aot_specs(
+    "bias_geglu", _bias_geglu_fwd_kernel, _bias_geglu_bwd_kernel, _config(1280), "C", "ACT_SILU", ("gelu", "silu")
+)

@@ -25,46 +25,21 @@ from fastlayers.utils import cdiv, next_pow2
 
 
 @triton.jit
-def _token_gather_kernel(
-    X_ptr,  # activations, (B, S, C) view, unit stride along C
+def _token_copy_kernel(
+    SRC_ptr,  # gather: activations (B, S, C) view; scatter: part (B, R, C) view; unit stride along C
     IDX_ptr,  # indices (B, R), int32 or int64
-    Y_ptr,  # output, (B, R, C) view, unit stride along C
-    stride_xb,
-    stride_xs,
-    stride_yb,
-    stride_yr,
+    DST_ptr,  # gather: output (B, R, C) view; scatter: all (B, S, C) view, written in place; unit stride along C
+    stride_srcb,
+    stride_srcn,  # along S (gather) or R (scatter)
+    stride_dstb,
+    stride_dstn,  # along R (gather) or S (scatter)
     stride_ib,
     stride_ir,
     S,
     R,
     C,
     BLOCK_C: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // R
-    r = pid % R
-    s = tl.load(IDX_ptr + b * stride_ib + r * stride_ir).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    s_tile = tl.zeros((BLOCK_C,), dtype=tl.int64) + s  # as a tile: the interpreter cannot AND a scalar mask in
-    v = tl.load(X_ptr + b * stride_xb + s * stride_xs + cols, mask=(cols < C) & (s_tile >= 0) & (s_tile < S), other=0.0)
-    tl.store(Y_ptr + b * stride_yb + r * stride_yr + cols, v, mask=cols < C)
-
-
-@triton.jit
-def _token_scatter_kernel(
-    P_ptr,  # part (B, R, C) view, unit stride along C
-    IDX_ptr,  # indices (B, R), int32 or int64
-    Y_ptr,  # all (B, S, C) view, unit stride along C, written in place
-    stride_pb,
-    stride_pr,
-    stride_yb,
-    stride_ys,
-    stride_ib,
-    stride_ir,
-    S,
-    R,
-    C,
-    BLOCK_C: tl.constexpr,
+    IS_SCATTER: tl.constexpr,  # False: dst[b, r] = src[b, idx[b, r]]; True: dst[b, idx[b, r]] = src[b, r]
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // R
@@ -73,8 +48,12 @@ def _token_scatter_kernel(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     s_tile = tl.zeros((BLOCK_C,), dtype=tl.int64) + s  # as a tile: the interpreter cannot AND a scalar mask in
     mask = (cols < C) & (s_tile >= 0) & (s_tile < S)
-    v = tl.load(P_ptr + b * stride_pb + r * stride_pr + cols, mask=mask)
-    tl.store(Y_ptr + b * stride_yb + s * stride_ys + cols, v, mask=mask)
+    if IS_SCATTER:  # an out-of-range index writes nothing
+        v = tl.load(SRC_ptr + b * stride_srcb + r * stride_srcn + cols, mask=mask)
+        tl.store(DST_ptr + b * stride_dstb + s * stride_dstn + cols, v, mask=mask)
+    else:  # an out-of-range index writes zeros
+        v = tl.load(SRC_ptr + b * stride_srcb + s * stride_srcn + cols, mask=mask, other=0.0)
+        tl.store(DST_ptr + b * stride_dstb + r * stride_dstn + cols, v, mask=cols < C)
 
 
 @triton.jit
@@ -121,32 +100,27 @@ def _unit_c(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
+def _launch(kernel, rows: int, c: int, *args, **constexprs) -> None:
+    """One program per (row, BLOCK_C tile of C); `args` are the kernel's arguments before C."""
+    block_c, num_warps = _config(c)
+    kernel[(rows, cdiv(c, block_c))](*args, c, BLOCK_C=block_c, num_warps=num_warps, **constexprs)
+
+
+def _copy_rows(src: torch.Tensor, indices: torch.Tensor, dst: torch.Tensor, nb: int, ns: int, scatter: bool) -> None:
+    """`_token_copy_kernel` on (B, *, C) views: gather (src (B, S, C) -> dst (B, R, C)) or scatter (the reverse)."""
+    nr = indices.shape[1]
+    strides = (*src.stride()[:2], *dst.stride()[:2], *indices.stride())
+    _launch(_token_copy_kernel, nb * nr, dst.shape[-1], src, indices, dst, *strides, ns, nr, IS_SCATTER=scatter)
+
+
 def token_gather(activations: torch.Tensor, indices: torch.Tensor, batch_first: bool = True) -> torch.Tensor:
     """out[b, r] = act[b, idx[b, r]]: (B, S, C) -> (B, R, C) (or (S, B, C) -> (R, B, C)), a new contiguous tensor."""
     x = _bsc(_unit_c(activations), batch_first)  # (B, S, C) view
     nb, ns, c = x.shape
     nr = indices.shape[1]
     out = torch.empty((nb, nr, c) if batch_first else (nr, nb, c), dtype=x.dtype, device=x.device)
-    y = _bsc(out, batch_first)  # (B, R, C) view
-    if out.numel() == 0:
-        return out
-    block_c, num_warps = _config(c)
-    _token_gather_kernel[(nb * nr, cdiv(c, block_c))](
-        x,
-        indices,
-        y,
-        x.stride(0),
-        x.stride(1),
-        y.stride(0),
-        y.stride(1),
-        indices.stride(0),
-        indices.stride(1),
-        ns,
-        nr,
-        c,
-        BLOCK_C=block_c,
-        num_warps=num_warps,
-    )
+    if out.numel():
+        _copy_rows(x, indices, _bsc(out, batch_first), nb, ns, scatter=False)
     return out
 
 
@@ -156,27 +130,9 @@ def token_scatter_(
     """In place all[b, idx[b, r]] = part[b, r]; returns `all_activations`. A repeated position keeps one value."""
     dst = _unit_c(all_activations)  # a copy only when C is strided; written back below
     y = _bsc(dst, batch_first)  # (B, S, C) view
-    p = _bsc(_unit_c(part_activations), batch_first)  # (B, R, C) view
     nb, ns, c = y.shape
-    nr = indices.shape[1]
-    if nb * nr * c:
-        block_c, num_warps = _config(c)
-        _token_scatter_kernel[(nb * nr, cdiv(c, block_c))](
-            p,
-            indices,
-            y,
-            p.stride(0),
-            p.stride(1),
-            y.stride(0),
-            y.stride(1),
-            indices.stride(0),
-            indices.stride(1),
-            ns,
-            nr,
-            c,
-            BLOCK_C=block_c,
-            num_warps=num_warps,
-        )
+    if nb * indices.shape[1] * c:
+        _copy_rows(_bsc(_unit_c(part_activations), batch_first), indices, y, nb, ns, scatter=True)
     if dst is not all_activations:
         all_activations.copy_(dst)
     return all_activations
@@ -199,32 +155,18 @@ def token_gather_bwd(
     g = _bsc(_unit_c(grad_out), batch_first)  # (B, R, C) view
     nb, nr, c = g.shape
     dact = torch.empty((nb, seq_length, c) if batch_first else (seq_length, nb, c), dtype=g.dtype, device=g.device)
-    dx = _bsc(dact, batch_first)  # (B, S, C) view
-    if dact.numel() == 0:
-        return dact
-    order, bounds = gather_bwd_plan(indices, seq_length)
-    block_c, num_warps = _config(c)
-    _token_gather_bwd_kernel[(nb * seq_length, cdiv(c, block_c))](
-        g,
-        order,
-        bounds,
-        dx,
-        g.stride(0),
-        g.stride(1),
-        dx.stride(0),
-        dx.stride(1),
-        seq_length,
-        nr,
-        c,
-        BLOCK_C=block_c,
-        num_warps=num_warps,
-    )
+    if dact.numel():
+        dx = _bsc(dact, batch_first)  # (B, S, C) view
+        order, bounds = gather_bwd_plan(indices, seq_length)
+        strides = (*g.stride()[:2], *dx.stride()[:2])
+        _launch(_token_gather_bwd_kernel, nb * seq_length, c, g, order, bounds, dx, *strides, seq_length, nr)
     return dact
 
 
-def _signature(kernel, types: dict[str, str]) -> dict[str, str]:
-    """Every argument in order: the given types, constexpr for the rest."""
-    return {name: types.get(name, "constexpr") for name in kernel.arg_names}
+def _spec(name: str, kernel, types: dict[str, str], constexprs: dict, num_warps: int) -> AotSpec:
+    """An AotSpec whose signature lists every argument in order: the given types, constexpr for the rest."""
+    signature = {arg: types.get(arg, "constexpr") for arg in kernel.arg_names}
+    return AotSpec(name=name, kernel=kernel, signature=signature, constexprs=constexprs, num_warps=num_warps)
 
 
 def _aot_specs() -> list[AotSpec]:
@@ -232,43 +174,21 @@ def _aot_specs() -> list[AotSpec]:
     with int32 indices (what the samplers return) and int64 indices (gather / scatter)."""
     block_c, num_warps = _config(2048)
     ints = {n: "i32" for n in ("S", "R", "C")}
-    strides = ("stride_xb", "stride_xs", "stride_yb", "stride_yr", "stride_ib", "stride_ir")
-    scatter_strides = ("stride_pb", "stride_pr", "stride_yb", "stride_ys", "stride_ib", "stride_ir")
+    copy_strides = ("stride_srcb", "stride_srcn", "stride_dstb", "stride_dstn", "stride_ib", "stride_ir")
     bwd_strides = ("stride_gb", "stride_gr", "stride_dxb", "stride_dxs")
+    consts = {"BLOCK_C": block_c}
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         t = TORCH_TO_SIG[dtype]
-        consts = {"BLOCK_C": block_c}
         for it in ("*i32", "*i64"):
-            tag = f"{t[1:]},idx={it[1:]},BLOCK_C={block_c}"
-            gather = {"X_ptr": t, "IDX_ptr": it, "Y_ptr": t, **ints, **dict.fromkeys(strides, "i32")}
-            scatter = {"P_ptr": t, "IDX_ptr": it, "Y_ptr": t, **ints, **dict.fromkeys(scatter_strides, "i32")}
-            specs += [
-                AotSpec(
-                    name=f"token_gather[{tag}]",
-                    kernel=_token_gather_kernel,
-                    signature=_signature(_token_gather_kernel, gather),
-                    constexprs=consts,
-                    num_warps=num_warps,
-                ),
-                AotSpec(
-                    name=f"token_scatter[{tag}]",
-                    kernel=_token_scatter_kernel,
-                    signature=_signature(_token_scatter_kernel, scatter),
-                    constexprs=consts,
-                    num_warps=num_warps,
-                ),
-            ]
+            copy = {"SRC_ptr": t, "IDX_ptr": it, "DST_ptr": t, **ints, **dict.fromkeys(copy_strides, "i32")}
+            for op, scatter in (("token_gather", False), ("token_scatter", True)):
+                name = f"{op}[{t[1:]},idx={it[1:]},BLOCK_C={block_c}]"
+                specs.append(_spec(name, _token_copy_kernel, copy, {**consts, "IS_SCATTER": scatter}, num_warps))
         bwd = {"G_ptr": t, "ORDER_ptr": "*i32", "BOUNDS_ptr": "*i32", "DX_ptr": t, **ints}
-        specs.append(
-            AotSpec(
-                name=f"token_gather_bwd[{t[1:]},BLOCK_C={block_c}]",
-                kernel=_token_gather_bwd_kernel,
-                signature=_signature(_token_gather_bwd_kernel, {**bwd, **dict.fromkeys(bwd_strides, "i32")}),
-                constexprs=consts,
-                num_warps=num_warps,
-            )
-        )
+        bwd.update(dict.fromkeys(bwd_strides, "i32"))
+        name = f"token_gather_bwd[{t[1:]},BLOCK_C={block_c}]"
+        specs.append(_spec(name, _token_gather_bwd_kernel, bwd, consts, num_warps))
     return specs
 
 
