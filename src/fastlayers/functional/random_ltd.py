@@ -13,9 +13,9 @@ the shared behaviour notes, §3.4, §3.5 and §6):
 - `bert_sample_tokens` also takes a (B, 1, 1, S) key-padding mask and a mask with batch dim 1, and the samplers
   take a `generator=` and raise ValueError for bad sizes and mask shapes.
 
-Indices are checked against [0, S) on CPU; on CUDA that check would cost a device sync per call, so it is
-skipped: the Triton kernels then skip an out-of-range index (gather writes zeros, scatter writes nothing), the
-torch backend raises a device-side assert.
+Indices are checked against [0, S) on every device before any kernel runs (on CUDA that costs one device sync
+per call: a bad index is an error, never a silently zeroed token). The Triton kernels also mask out-of-range
+indices themselves, so a launcher called directly never reads or writes out of bounds.
 """
 
 from __future__ import annotations
@@ -153,8 +153,8 @@ def _validate_indices(indices, activations: torch.Tensor, batch_first: bool, act
         )
     if indices.device != activations.device:
         raise ValueError(f"indices is on {indices.device} but {act_name} is on {activations.device}")
-    if indices.device.type == "cpu" and indices.numel():  # on CUDA this would be a device sync per call
-        lo, hi = indices.min().item(), indices.max().item()
+    if indices.numel():
+        lo, hi = (int(t) for t in torch.aminmax(indices))  # one pass (and one sync on CUDA)
         if lo < 0 or hi >= s:
             raise ValueError(
                 f"indices must be in [0, S={s}) (S from {act_name} {tuple(activations.shape)}), "
