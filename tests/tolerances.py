@@ -60,3 +60,15 @@ def assert_close_to_reference(
     assert err <= factor * base + atol, (
         f"{name}: max|out-ref32|={err:.3e} > {factor}*max|ref_low-ref32| ({base:.3e}) + {atol:.1e}"
     )
+
+
+def assert_fwd_bwd_close(out, ref, inputs, dtype: torch.dtype, names=("dq", "dk", "dv", "drpe")):
+    """out matches ref (fwd tolerance), and so do the gradients of `inputs` for one random upstream gradient (bwd
+    tolerance); returns our gradients."""
+    assert_close(out, ref, dtype, name="out")
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, dout)
+    want = torch.autograd.grad(ref, inputs, dout)
+    for n, g, w in zip(names[: len(got)], got, want, strict=True):
+        assert_close(g, w, dtype, "bwd", name=n)
+    return got

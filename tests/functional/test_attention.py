@@ -8,7 +8,7 @@ from fastlayers.functional.attention import attention
 from fastlayers.memory import saved_activation_bytes
 from fastlayers.reference.attention import attention_ref
 from fastlayers.utils import keep_mask
-from tests.tolerances import assert_close
+from tests.tolerances import assert_close, assert_fwd_bwd_close
 
 
 def qkv(b=2, s=9, h=2, d=16, dtype=torch.float32, grad=False):
@@ -91,12 +91,7 @@ def test_no_dropout_with_grad_runs_sdpa_and_matches_reference():
     out = attention(q, k, v, attn_bias=bias, causal=True, backend="torch")
     assert "AttentionTorchFunction" not in type(out.grad_fn).__name__
     ref = attention(q, k, v, attn_bias=bias, causal=True, backend="reference")
-    assert_close(out, ref, torch.float32)
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), dout)
-    want = torch.autograd.grad(ref, (q, k, v), dout)
-    for a, b in zip(got, want, strict=True):
-        assert_close(a, b, torch.float32, "bwd")
+    got = assert_fwd_bwd_close(out, ref, (q, k, v), torch.float32)
     assert out[1, 5].abs().max() == 0 and got[0][1, 5].abs().max() == 0
     bias.requires_grad_(True)  # a bias that needs its gradient keeps the Function that gives it one
     out = attention(q, k, v, attn_bias=bias, backend="torch")

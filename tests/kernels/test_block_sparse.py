@@ -9,7 +9,7 @@ import torch
 
 from fastlayers.functional.block_sparse import block_sparse_attention
 from fastlayers.reference.block_sparse import block_sparse_attention_ref
-from tests.tolerances import assert_close
+from tests.tolerances import assert_close, assert_fwd_bwd_close
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
 
@@ -74,14 +74,8 @@ def _check(backend, case, dtype, layout=None):
     q, k, v, kw = make_inputs(case, dtype)
     out = block_sparse_attention(q, k, v, layout, block=block, backend=backend, **kw)
     ref = block_sparse_attention_ref(q, k, v, layout, block=block, upcast=True, **kw)
-    assert_close(out, ref, dtype, name="out")
     grads_of = [q, k, v] + ([kw["rpe"]] if "rpe" in kw else [])
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, grads_of, dout)
-    want = torch.autograd.grad(ref, grads_of, dout)
-    for name, g, w in zip(["dq", "dk", "dv", "drpe"][: len(got)], got, want, strict=True):
-        assert_close(g, w, dtype, "bwd", name=name)
-    return out, got
+    return out, assert_fwd_bwd_close(out, ref, grads_of, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -176,12 +170,7 @@ def test_torch_cpu_fast_path_with_constant_biases():
     if q.device.type == "cpu":
         assert type(out.grad_fn).__name__ == "BlockSparseAttentionTorchFunctionBackward"
     ref = block_sparse_attention_ref(q, k, v, layout, block=32, **kw)
-    assert_close(out, ref, torch.float32)
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, [q, k, v], dout)
-    want = torch.autograd.grad(ref, [q, k, v], dout)
-    for name, g, w in zip("qkv", got, want, strict=True):
-        assert_close(g, w, torch.float32, "bwd", name="d" + name)
+    assert_fwd_bwd_close(out, ref, [q, k, v], torch.float32)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 40_000])
@@ -198,9 +187,4 @@ def test_torch_cpu_fast_path_in_chunks(monkeypatch, chunk_bytes):
     q, k, v, kw = make_inputs((2, H, nb * block, 32, block, "kpm_mul"), torch.float32)
     out = block_sparse_attention(q, k, v, layout, block=block, backend="torch", **kw)
     ref = block_sparse_attention_ref(q, k, v, layout, block=block, **kw)
-    assert_close(out, ref, torch.float32)
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, [q, k, v], dout)
-    want = torch.autograd.grad(ref, [q, k, v], dout)
-    for name, g, w in zip("qkv", got, want, strict=True):
-        assert_close(g, w, torch.float32, "bwd", name="d" + name)
+    assert_fwd_bwd_close(out, ref, [q, k, v], torch.float32)

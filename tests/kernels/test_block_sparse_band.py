@@ -13,7 +13,7 @@ from fastlayers.functional.block_sparse import block_sparse_attention
 from fastlayers.kernels.torch import block_sparse as kt
 from fastlayers.reference.block_sparse import block_sparse_attention_ref
 from fastlayers.sparsity_config import BigBirdSparsityConfig, LocalSlidingWindowSparsityConfig
-from tests.tolerances import assert_close
+from tests.tolerances import assert_close, assert_fwd_bwd_close
 
 CPU = torch.device("cpu")
 
@@ -55,17 +55,6 @@ def _coverage(bp: kt.BandPlan, H: int, block: int = 16) -> torch.Tensor:
                 for r in g.qblocks[n].tolist():
                     count[g.heads[n], r, g.kvblocks[n][valid[n]]] += 1
     return count
-
-
-def _assert_fwd_bwd(out, ref, inputs, dtype, names=("dq", "dk", "dv")):
-    """out matches ref, and so do the gradients of inputs for one random upstream gradient; returns ours."""
-    assert_close(out, ref, dtype, name="out")
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, inputs, dout)
-    want = torch.autograd.grad(ref, inputs, dout)
-    for n, g, w in zip(names, got, want, strict=True):
-        assert_close(g, w, dtype, "bwd", name=n)
-    return got
 
 
 def bigbird(H, S, block, bidirectional=True, globals_=1, randoms=1, window=3):
@@ -203,7 +192,7 @@ def test_band_path_matches_reference(monkeypatch, name, dtype, step_bytes):
     out = block_sparse_attention(q, k, v, layout, block=block, backend="torch")
     assert type(out.grad_fn).__name__ == "BlockSparseAttentionTorchFunctionBackward"
     ref = block_sparse_attention_ref(q, k, v, layout, block=block, upcast=True)
-    _assert_fwd_bwd(out, ref, [q, k, v], dtype)
+    assert_fwd_bwd_close(out, ref, [q, k, v], dtype)
 
 
 def test_band_path_noncontiguous_inputs_and_scale():
@@ -238,7 +227,7 @@ def test_biases_take_the_grouped_path(monkeypatch, feature):
     out = block_sparse_attention(q, k, v, layout, block=block, backend="torch", **kw)
     assert calls == []
     ref = block_sparse_attention_ref(q, k, v, layout, block=block, **kw)
-    got = _assert_fwd_bwd(out, ref, [q, k, v], torch.float32)
+    got = assert_fwd_bwd_close(out, ref, [q, k, v], torch.float32)
     if feature == "am":
         assert out[:, :, [3, 40]].abs().max() == 0 and got[0][:, :, [3, 40]].abs().max() == 0
 
@@ -281,4 +270,4 @@ def test_extra_padding_slots(kind):
     q, k, v = (torch.randn(2, H, nb * block, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
     out = block_sparse_attention(q, k, v, layout, block=block, backend="torch")
     ref = block_sparse_attention_ref(q, k, v, layout, block=block)
-    _assert_fwd_bwd(out, ref, [q, k, v], torch.float64)
+    assert_fwd_bwd_close(out, ref, [q, k, v], torch.float64)

@@ -573,14 +573,14 @@ def _band_parts(q3, k3, v3, bp: BandPlan, block: int, H: int, c0: int, c1: int):
         ids = (bh[:, None, None] * nb + bp.extra_cols[head]).reshape(-1)  # (c·nb·E,) flat key-block ids bh·nb + j
         kx, vx = (t.view(BH * nb, b * D).index_select(0, ids).view(c, nb, E * b, D) for t in (k3, v3))
         mask = None if mask_h is None else mask_h[head]
-        empty = None if empty_h is None else empty_h[head].view(c, nb, b)
+        empty = None if empty_h is None else empty_h[head]
         qr = Rows(0, b, nb, b)
         yield _Part(("extra", ids), qr, _rows_view(qc, qr), kx, vx, mask=mask, empty=empty)
 
 
 def _extra_masks(bp: BandPlan, block: int, dtype: torch.dtype):
     """Per head, for the extra call (cached on the plan): the additive padding mask (H, nb, 1, E·block) or None,
-    and the rows with no extra block (H, S) or None."""
+    and the rows with no extra block (H, nb, block) or None."""
     key = (block, dtype)
     hit = bp.cache.get(key)
     if hit is not None:
@@ -592,7 +592,7 @@ def _extra_masks(bp: BandPlan, block: int, dtype: torch.dtype):
         zero = torch.zeros((), dtype=dtype, device=valid.device)
         mask = torch.where(valid, zero, torch.full((), float("-inf"), dtype=dtype, device=valid.device))
     if bp.extra_empty is not None:
-        empty = bp.extra_empty[:, :, None].expand(H, nb, block).reshape(H, nb * block)
+        empty = bp.extra_empty[:, :, None].expand(H, nb, block)
     bp.cache[key] = (mask, empty)
     return mask, empty
 
@@ -624,14 +624,14 @@ def band_attention_cpu_fwd(q, k, v, bp: BandPlan, block: int, scale: float):
         if lse_all is None:
             lse_all = torch.empty(BH, S, dtype=parts[0][2].dtype, device=q.device)
         lc, oc = lse_all[c0:c1], out[c0:c1]
-        for p, _, lse in parts:
-            lv = _rows_view(lc, p.qrows)
+        lvs = [_rows_view(lc, p.qrows) for p, _, _ in parts]
+        for (p, _, lse), lv in zip(parts, lvs, strict=True):
             if p.first:
                 lv.copy_(lse)
             else:
                 torch.logaddexp(lv, lse, out=lv)
-        for p, o, lse in parts:
-            w = torch.exp(lse - _rows_view(lc, p.qrows)).unsqueeze(-1)
+        for (p, o, lse), lv in zip(parts, lvs, strict=True):
+            w = torch.exp(lse - lv).unsqueeze(-1)
             ov = _rows_view(oc, p.qrows)
             if p.first:
                 torch.mul(o, w, out=ov)
@@ -700,7 +700,7 @@ def band_attention_cpu_bwd(dout, q, k, v, out, lse, bp: BandPlan, block: int, sc
         for p in _band_parts(q3, k3, v3, bp, block, H, c0, c1):
             op, dop = _rows_view(o3[c0:c1], p.qrows), _rows_view(do3[c0:c1], p.qrows)
             lp = _rows_view(l3[c0:c1], p.qrows)
-            if p.empty is not None and p.mask is None:  # no key of this call for these rows: lse +inf gives p = 0
+            if p.empty is not None:  # no key of this call for these rows: lse +inf gives p = 0
                 lp = lp.masked_fill(p.empty, float("inf"))
             if p.q.shape[1] == 1 and p.mask is None:
                 gq, gk, gv = _split_flash_bwd(dop, p.q, p.k, p.v, op, lp, scale, block)
