@@ -26,6 +26,35 @@ LOG2E = 1.4426950408889634
 
 # fmt: off
 @triton.jit
+def _kept_tile_scores(
+    q, t, idx_base, k_base, v_base, Rpe, Kpm, Am, b, h, m0, rm, rn, rd, d_ok,
+    stride_ks, stride_kd, stride_vs, stride_vd, stride_it,
+    stride_rb, stride_rh, stride_rm, stride_rn, stride_kpb, stride_kpn, stride_amm, stride_amn,
+    qk_scale,
+    BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, HAS_AM: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Step t of a row's loop over (kept block, sub-tile): the key/value tile and the scores in base 2,
+    s = (q.k * scale + biases) * log2(e), with its key offset n0 (shared by the forward and the dq pass)."""
+    kblk = tl.load(idx_base + (t // (BLOCK // BLOCK_N)) * stride_it).to(tl.int64)
+    n0 = kblk * BLOCK + (t % (BLOCK // BLOCK_N)) * BLOCK_N
+    k = tl.load(k_base + n0 * stride_ks + rn[:, None] * stride_ks + rd[None, :] * stride_kd,
+                mask=d_ok[None, :], other=0.0)
+    v = tl.load(v_base + n0 * stride_vs + rn[:, None] * stride_vs + rd[None, :] * stride_vd,
+                mask=d_ok[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if HAS_RPE:
+        r_base = Rpe + b * stride_rb + h * stride_rh + m0 * stride_rm + n0 * stride_rn
+        s += tl.load(r_base + rm[:, None] * stride_rm + rn[None, :] * stride_rn).to(tl.float32) * 1.4426950408889634
+    if HAS_KPM:
+        s += tl.load(Kpm + b * stride_kpb + n0 * stride_kpn + rn * stride_kpn)[None, :] * 1.4426950408889634
+    if HAS_AM:
+        a_base = Am + m0 * stride_amm + n0 * stride_amn
+        s += tl.load(a_base + rm[:, None] * stride_amm + rn[None, :] * stride_amn) * 1.4426950408889634
+    return k, v, s, n0
+
+
+@triton.jit
 def _block_sparse_attn_fwd_kernel(
     Q, K, V, Out, Lse,  # (B, H, S, D) x4 and (B, H, S) fp32
     Rpe, Kpm, Am,  # additive biases: (B|1, H, S, S) q dtype; (B, S) fp32; (S, S) fp32
@@ -67,22 +96,11 @@ def _block_sparse_attn_fwd_kernel(
     idx_base = KvIdx + h * stride_ih + qblk * stride_in
     # one flat loop over (kept block, sub-tile): unrolling the sub-tiles would double the live registers
     for t in range(0, n_kv * (BLOCK // BLOCK_N)):
-        kblk = tl.load(idx_base + (t // (BLOCK // BLOCK_N)) * stride_it).to(tl.int64)
-        n0 = kblk * BLOCK + (t % (BLOCK // BLOCK_N)) * BLOCK_N
-        k = tl.load(k_base + n0 * stride_ks + rn[:, None] * stride_ks + rd[None, :] * stride_kd,
-                    mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_base + n0 * stride_vs + rn[:, None] * stride_vs + rd[None, :] * stride_vd,
-                    mask=d_ok[None, :], other=0.0)
-        # -- scores in base 2: s = (q.k * scale + biases) * log2(e) --
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if HAS_RPE:
-            r_base = Rpe + b * stride_rb + h * stride_rh + m0 * stride_rm + n0 * stride_rn
-            s += tl.load(r_base + rm[:, None] * stride_rm + rn[None, :] * stride_rn).to(tl.float32) * 1.4426950408889634
-        if HAS_KPM:
-            s += tl.load(Kpm + b * stride_kpb + n0 * stride_kpn + rn * stride_kpn)[None, :] * 1.4426950408889634
-        if HAS_AM:
-            a_base = Am + m0 * stride_amm + n0 * stride_amn
-            s += tl.load(a_base + rm[:, None] * stride_amm + rn[None, :] * stride_amn) * 1.4426950408889634
+        k, v, s, n0 = _kept_tile_scores(
+            q, t, idx_base, k_base, v_base, Rpe, Kpm, Am, b, h, m0, rm, rn, rd, d_ok,
+            stride_ks, stride_kd, stride_vs, stride_vd, stride_it,
+            stride_rb, stride_rh, stride_rm, stride_rn, stride_kpb, stride_kpn, stride_amm, stride_amn,
+            qk_scale, BLOCK, BLOCK_N, HAS_RPE, HAS_KPM, HAS_AM, DOT_PREC)
         # -- online softmax; a row that is still all -inf keeps m = -inf and uses 0 as its shift --
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -144,22 +162,12 @@ def _block_sparse_attn_bwd_dq_kernel(
     n_kv = tl.load(KvNum + h * stride_nh + qblk * stride_nn)
     idx_base = KvIdx + h * stride_ih + qblk * stride_in
     for t in range(0, n_kv * (BLOCK // BLOCK_N)):
-        kblk = tl.load(idx_base + (t // (BLOCK // BLOCK_N)) * stride_it).to(tl.int64)
-        n0 = kblk * BLOCK + (t % (BLOCK // BLOCK_N)) * BLOCK_N
-        k = tl.load(k_base + n0 * stride_ks + rn[:, None] * stride_ks + rd[None, :] * stride_kd,
-                    mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_base + n0 * stride_vs + rn[:, None] * stride_vs + rd[None, :] * stride_vd,
-                    mask=d_ok[None, :], other=0.0)
         # -- recompute p = exp2(s - lse) (base 2, as in the forward) --
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if HAS_RPE:
-            r_base = Rpe + b * stride_rb + h * stride_rh + m0 * stride_rm + n0 * stride_rn
-            s += tl.load(r_base + rm[:, None] * stride_rm + rn[None, :] * stride_rn).to(tl.float32) * 1.4426950408889634
-        if HAS_KPM:
-            s += tl.load(Kpm + b * stride_kpb + n0 * stride_kpn + rn * stride_kpn)[None, :] * 1.4426950408889634
-        if HAS_AM:
-            a_base = Am + m0 * stride_amm + n0 * stride_amn
-            s += tl.load(a_base + rm[:, None] * stride_amm + rn[None, :] * stride_amn) * 1.4426950408889634
+        k, v, s, n0 = _kept_tile_scores(
+            q, t, idx_base, k_base, v_base, Rpe, Kpm, Am, b, h, m0, rm, rn, rd, d_ok,
+            stride_ks, stride_kd, stride_vs, stride_vd, stride_it,
+            stride_rb, stride_rh, stride_rm, stride_rn, stride_kpb, stride_kpn, stride_amm, stride_amn,
+            qk_scale, BLOCK, BLOCK_N, HAS_RPE, HAS_KPM, HAS_AM, DOT_PREC)
         p = tl.math.exp2(s - lse[:, None])
         # -- ds = p * (dO.vᵀ - delta) is the gradient of the (unscaled) biased score --
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
