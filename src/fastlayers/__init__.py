@@ -9,11 +9,19 @@ __version__ = "0.1.0"
 from fastlayers import functional  # noqa: E402  (importing it registers every op's backends)
 from fastlayers.backends import explain  # noqa: E402
 from fastlayers.configs import DeepSpeedTransformerConfig, TransformerConfig  # noqa: E402
+from fastlayers.integrations.random_ltd import (  # noqa: E402
+    convert_to_random_ltd,
+    random_ltd_initialize,
+    remove_random_ltd_state_dict,
+    save_without_random_ltd,
+)
 from fastlayers.integrations.sparse_attention_utils import SparseAttentionUtils  # noqa: E402
 from fastlayers.memory import saved_activation_bytes  # noqa: E402
 from fastlayers.nn import (  # noqa: E402
     BertSparseSelfAttention,
     DeepSpeedTransformerLayer,
+    RandomLayerTokenDrop,
+    RandomLTDScheduler,
     SparseSelfAttention,
     TransformerLayer,
 )
@@ -37,14 +45,20 @@ __all__ = [
     "DenseSparsityConfig",
     "FixedSparsityConfig",
     "LocalSlidingWindowSparsityConfig",
+    "RandomLTDScheduler",
+    "RandomLayerTokenDrop",
     "SparseAttentionUtils",
     "SparseSelfAttention",
     "SparsityConfig",
     "TransformerConfig",
     "TransformerLayer",
     "VariableSparsityConfig",
+    "convert_to_random_ltd",
     "explain",
     "functional",
+    "random_ltd_initialize",
+    "remove_random_ltd_state_dict",
+    "save_without_random_ltd",
     "saved_activation_bytes",
     "to_block_mask",
     "__version__",
