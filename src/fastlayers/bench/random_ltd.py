@@ -9,6 +9,12 @@ Memory-bound: `extra["MB_moved"]` is the minimum traffic of one fwd+bwd, in MB (
 writes B·R·C elements; its backward writes B·S·C (the zero fill included) and reads B·R·C.
 `extra` also records the activation bytes autograd keeps (inputs excluded) for ours and the peer.
 Inputs are built in `setup` and dropped in `teardown` so that only one case's tensors are alive at a time.
+
+Model case: one training step (forward + backward, no optimizer) of a transformers GPT-2 built from a config
+(random weights; 6 layers, width 256, 4 heads, vocab 512, dropout 0 so that both sides run SDPA's fused CPU kernel;
+B=2, S=1024) converted with `convert_to_random_ltd` (layers 1-4 keep R=512 tokens, layers 0 and 5 the full
+sequence) vs the same model unconverted. `work_limit` is the speedup if time were proportional to the matmul FLOPs
+(per layer and sequence of n tokens 24·n·w² + 4·n²·w, plus the LM head 2·S·w·V): `_gpt2_flops`.
 """
 
 from __future__ import annotations
@@ -83,6 +89,74 @@ def _case(b: int, s: int, r: int, c: int, device: torch.device, mode: str) -> Ca
     )
 
 
+def _gpt2_flops(tokens: list[int], s: int, width: int, vocab: int) -> float:
+    """Forward matmul FLOPs of one sequence: layers seeing `tokens[i]` tokens (projections, MLP, attention), LM head."""
+    return sum(24 * n * width**2 + 4 * n * n * width for n in tokens) + 2 * s * width * vocab
+
+
+def _gpt2_case(b: int, s: int, r: int, width: int, n_layer: int, device: torch.device) -> Case:
+    """A GPT-2 training step with Random-LTD on the middle layers vs the same model without it."""
+    t: dict = {}
+    ids = list(range(1, n_layer - 1))
+    full = _gpt2_flops([s] * n_layer, s, width, 512)
+    kept = _gpt2_flops([r if i in ids else s for i in range(n_layer)], s, width, 512)
+    extra: dict = {"work_limit": round(full / kept, 3)}
+
+    def setup():
+        import copy
+
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+        from fastlayers.integrations.random_ltd import convert_to_random_ltd
+
+        cfg = GPT2Config(
+            vocab_size=512, n_positions=s, n_embd=width, n_layer=n_layer, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0
+        )
+        cfg.attn_pdrop = 0.0
+        cfg.bos_token_id = cfg.eos_token_id = 0
+        torch.manual_seed(0)
+        t["peer"] = GPT2LMHeadModel(cfg).to(device).train()
+        t["ours"] = copy.deepcopy(t["peer"])
+        ltd = {
+            "total_layer_num": n_layer,
+            "random_ltd_layer_num": len(ids),
+            "random_ltd_layer_id": ids,
+            "model_mask_name": "attention_mask",
+            "model_type": "decoder",
+            "hidden_state_order": "batch_seq_dim",
+            "random_ltd_schedule": {
+                "min_value": r,
+                "max_value": s,
+                "schedule_type": "fixed_linear",
+                "schedule_config": {"require_steps": 1000, "seq_per_step": 16},
+            },
+            "global_batch_size": b,
+        }
+        convert_to_random_ltd(t["ours"], GPT2Block, config=ltd)
+        t["tokens"] = torch.randint(0, 512, (b, s), device=device)
+
+    def step(name):
+        def run():
+            model = t[name]
+            model.zero_grad(set_to_none=True)
+            model(input_ids=t["tokens"], labels=t["tokens"]).loss.backward()
+
+        return run
+
+    return Case(
+        name=f"GPT-2 train step, Random-LTD layers 1-{n_layer - 2} at R{r} of S{s}, B{b} width{width} fp32",
+        ours=step("ours"),
+        peer=step("peer"),
+        peer_name="transformers GPT2LMHeadModel (no token dropping)",
+        extra=extra,
+        setup=setup,
+        teardown=t.clear,
+    )
+
+
 def cases(quick: bool, device: torch.device) -> list[Case]:
     b, s, r, c = (2, 16, 8, 24) if quick else (8, 2048, 1024, 1024)
-    return [_case(b, s, r, c, device, mode) for mode in ("gather", "gather_sbc", "ltd")]
+    out = [_case(b, s, r, c, device, mode) for mode in ("gather", "gather_sbc", "ltd")]
+    out.append(_gpt2_case(*((2, 32, 16, 32, 4) if quick else (2, 1024, 512, 256, 6)), device))
+    return out
