@@ -8,7 +8,7 @@ import sys
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "fastlayers"
 LAYERS = ["reference", "kernels", "functional", "nn", "integrations"]
 # top-level modules usable by the layers at or right of the given rank
-SHARED = {"utils": 0, "backends": 2, "configs": 3, "sparsity_config": 0}
+SHARED = {"utils": 0, "backends": 2, "configs": 3, "sparsity_config": 0, "inference_config": 0}
 
 
 def _layer_of(path: pathlib.Path) -> str | None:

@@ -9,6 +9,8 @@ __version__ = "0.1.0"
 from fastlayers import functional  # noqa: E402  (importing it registers every op's backends)
 from fastlayers.backends import explain  # noqa: E402
 from fastlayers.configs import DeepSpeedTransformerConfig, TransformerConfig  # noqa: E402
+from fastlayers.inference_config import DeepSpeedInferenceConfig  # noqa: E402
+from fastlayers.integrations.diffusers import generic_injection  # noqa: E402
 from fastlayers.integrations.random_ltd import (  # noqa: E402
     convert_to_random_ltd,
     random_ltd_initialize,
@@ -19,7 +21,10 @@ from fastlayers.integrations.sparse_attention_utils import SparseAttentionUtils 
 from fastlayers.memory import saved_activation_bytes  # noqa: E402
 from fastlayers.nn import (  # noqa: E402
     BertSparseSelfAttention,
+    DeepSpeedDiffusersAttention,
+    DeepSpeedDiffusersTransformerBlock,
     DeepSpeedTransformerLayer,
+    Diffusers2DTransformerConfig,
     RandomLayerTokenDrop,
     RandomLTDScheduler,
     SparseSelfAttention,
@@ -38,6 +43,10 @@ from fastlayers.sparsity_config import (  # noqa: E402
 
 __all__ = [
     "BertSparseSelfAttention",
+    "DeepSpeedDiffusersAttention",
+    "DeepSpeedDiffusersTransformerBlock",
+    "DeepSpeedInferenceConfig",
+    "Diffusers2DTransformerConfig",
     "BigBirdSparsityConfig",
     "BSLongformerSparsityConfig",
     "DeepSpeedTransformerConfig",
@@ -56,6 +65,7 @@ __all__ = [
     "convert_to_random_ltd",
     "explain",
     "functional",
+    "generic_injection",
     "random_ltd_initialize",
     "remove_random_ltd_state_dict",
     "save_without_random_ltd",
