@@ -22,6 +22,7 @@ def test_info_lists_versions_devices_backends(capsys):
         "attention",
         "token_gather",
         "token_scatter",
+        "nhwc_bias_add",
     ):
         assert op in out
 
@@ -71,5 +72,6 @@ def test_check_all_ops_pass(capsys):
     """`fastlayers check` over every op (under the interpreter on CPU: torch and triton backends)."""
     assert cli.main(["check"]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
-    for op in ("layer_norm", "bias_gelu", "bias_geglu", "softmax", "attention", "transformer", "sparse", "random_ltd"):
+    ops = ("layer_norm", "bias_gelu", "bias_geglu", "softmax", "attention", "transformer", "sparse", "random_ltd")
+    for op in (*ops, "bias_add"):
         assert f"PASS  {op}/" in out

@@ -13,4 +13,5 @@ BENCHES = {
     "transformer": "fastlayers.bench.transformer",
     "sparse": "fastlayers.bench.sparse",
     "random_ltd": "fastlayers.bench.random_ltd",
+    "diffusers": "fastlayers.bench.diffusers",
 }

@@ -22,6 +22,7 @@ CHECKS = {
     "transformer": "fastlayers.checks.transformer",
     "sparse": "fastlayers.checks.sparse",
     "random_ltd": "fastlayers.checks.random_ltd",
+    "bias_add": "fastlayers.checks.bias_add",
 }
 
 

@@ -192,8 +192,13 @@ class DeepSpeedDiffusersTransformerBlock(nn.Module):
             n3, r2 = bias_dropout_residual_layer_norm(
                 a1, self.attn_1_bias, x, self.norm3_g, self.norm3_b, eps=self.norm3_eps, **fused_ln
             )
-        g = bias_geglu(self._linear(n3, self.ff1_w, None, "ff1_w_scale"), self.ff1_b)  # (B, S, I)
-        return self._linear(g, self.ff2_w, self.ff2_b, "ff2_w_scale") + r2  # (B, S, C)
+        # the GEGLU bias goes into the GEMM (addmm), which saves a pass over the (B, S, 2I) activation
+        g = bias_geglu(self._linear(n3, self.ff1_w, self.ff1_b, "ff1_w_scale"))  # (B, S, I)
+        if self.config.int8_quantization:
+            return self._linear(g, self.ff2_w, self.ff2_b, "ff2_w_scale") + r2  # (B, S, C)
+        # r2 + g·ff2_wᵀ in one addmm, then the bias: one pass over (B, S, C) fewer than linear-with-bias + r2
+        out = torch.addmm(r2.reshape(-1, self.dim), g.reshape(-1, g.shape[-1]), self.ff2_w.t())
+        return out.add_(self.ff2_b).view_as(r2)  # (B, S, C)
 
     def extra_repr(self) -> str:
         cross = "none" if self.attn_2 is None else f"context_dim={self.attn_2.context_dim}"
