@@ -16,29 +16,17 @@ from fastlayers.integrations.random_ltd import (
     save_without_random_ltd,
 )
 from fastlayers.nn.random_ltd import RandomLayerTokenDrop
+from tests._random_ltd_helpers import make_config
 from tests.tolerances import assert_close
 
 transformers = pytest.importorskip("transformers")
 
 
-def ltd_dict(model_type, total, ids, min_value, max_value, order="batch_seq_dim"):
-    return {
-        "enabled": True,
-        "total_layer_num": total,
-        "random_ltd_layer_num": len(ids),
-        "random_ltd_layer_id": ids,
-        "model_mask_name": "attention_mask",
-        "model_type": model_type,
-        "hidden_state_order": order,
-        "random_ltd_schedule": {
-            "min_value": min_value,
-            "max_value": max_value,
-            "schedule_type": "fixed_linear",
-            "schedule_config": {"require_steps": 4, "seq_per_step": 2},
-        },
-        "layer_token_lr_schedule": {"enabled": False},
-        "global_batch_size": 2,
-    }
+def ltd_dict(model_type, total, ids, lo, hi):
+    """Layers `ids` of `total` keep `lo` tokens at step 0 (batch-first HF hidden states)."""
+    return make_config(
+        total=total, ids=ids, lo=lo, hi=hi, require=4, seq=2, gbs=2, model_type=model_type, order="batch_seq_dim"
+    )
 
 
 def gpt2(attn="sdpa"):

@@ -11,28 +11,15 @@ from torch import nn
 from fastlayers.functional import random_ltd as ours_ops
 from fastlayers.nn.random_ltd import RandomLayerTokenDrop
 from fastlayers.nn.random_ltd_scheduler import RandomLTDScheduler
+from tests._random_ltd_helpers import make_config
 from tests.tolerances import assert_close
 
 
-def ltd_config(model_type="decoder", order="batch_seq_dim", layers=3, total=5, min_value=4, max_value=12, mask=True):
-    return {
-        "enabled": True,
-        "total_layer_num": total,
-        "random_ltd_layer_num": layers,
-        "random_ltd_layer_id": list(range(1, layers + 1)),
-        "model_mask_name": "attention_mask" if mask else None,
-        "model_type": model_type,
-        "hidden_state_order": order,
-        "random_ltd_schedule": {
-            "min_value": min_value,
-            "max_value": max_value,
-            "schedule_type": "fixed_linear",
-            "schedule_config": {"require_steps": 10, "seq_per_step": 2},
-        },
-        "layer_token_lr_schedule": {"enabled": False},
-        "global_batch_size": 2,
-        "micro_batch_size": 2,
-    }
+def ltd_config(*, total, ids, model_type="decoder", order="batch_seq_dim", mask=True):
+    """A small schedule (4 -> 12 tokens over 10 steps) for layers `ids` of `total`."""
+    small = {"lo": 4, "hi": 12, "require": 10, "seq": 2, "gbs": 2}
+    mask_name = "attention_mask" if mask else None
+    return make_config(total=total, ids=ids, model_type=model_type, order=order, mask_name=mask_name, **small)
 
 
 class TinyAttention(nn.Module):
@@ -68,8 +55,7 @@ def padded_mask(b, s, lengths):
 def build(model_type, order, n=3, seed=0, c=8):
     torch.manual_seed(seed)
     layers = nn.ModuleList([TinyAttention(c, order == "batch_seq_dim") for _ in range(n)])
-    cfg = ltd_config(model_type, order, layers=n, total=n)
-    cfg["random_ltd_layer_id"] = list(range(n))
+    cfg = ltd_config(total=n, ids=list(range(n)), model_type=model_type, order=order)
     sched = RandomLTDScheduler(cfg)
     wrapped = nn.ModuleList([RandomLayerTokenDrop(copy.deepcopy(m)) for m in layers])
     for i, w in enumerate(wrapped):
@@ -246,8 +232,7 @@ class PosLayer(nn.Module):
 
 def test_positions_are_gathered_and_tuples_kept():
     b, s, c = 2, 8, 4
-    cfg = ltd_config("decoder", "batch_seq_dim", layers=1, total=1, mask=False)
-    cfg["random_ltd_layer_id"] = [0]
+    cfg = ltd_config(total=1, ids=[0], mask=False)
     sched = RandomLTDScheduler(cfg)
     w = RandomLayerTokenDrop(PosLayer())
     w.init_config(cfg, sched, 0)
@@ -279,8 +264,7 @@ class ShrinkLayer(nn.Module):
 
 @pytest.mark.parametrize("layer,match", [(DictLayer(), "Tensor or a tuple"), (ShrinkLayer(), "keeps its input shape")])
 def test_bad_layer_outputs(layer, match):
-    cfg = ltd_config("decoder", "batch_seq_dim", layers=1, total=1, mask=False)
-    cfg["random_ltd_layer_id"] = [0]
+    cfg = ltd_config(total=1, ids=[0], mask=False)
     sched = RandomLTDScheduler(cfg)
     w = RandomLayerTokenDrop(layer)
     w.init_config(cfg, sched, 0)
@@ -290,7 +274,7 @@ def test_bad_layer_outputs(layer, match):
 
 
 def test_init_config_errors():
-    cfg = ltd_config()
+    cfg = ltd_config(total=5, ids=[1, 2, 3])
     sched = RandomLTDScheduler(cfg)
     w = RandomLayerTokenDrop(nn.Identity())
     with pytest.raises(ValueError, match="hidden_state_order.*'bsh'"):

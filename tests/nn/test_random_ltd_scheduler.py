@@ -11,33 +11,9 @@ import pytest
 ds_scheduler = pytest.importorskip("deepspeed.runtime.data_pipeline.data_routing.scheduler")
 
 from fastlayers.nn.random_ltd_scheduler import RandomLTDScheduler  # noqa: E402
+from tests._random_ltd_helpers import make_config  # noqa: E402
 
 DSScheduler = ds_scheduler.RandomLTDScheduler
-
-
-def make_config(
-    *, total=24, ids=None, lo=128, hi=2048, require=200, seq=16, gbs=256, schedule_type="fixed_linear", **extra
-):
-    ids = list(range(1, total - 1)) if ids is None else ids
-    cfg = {
-        "total_layer_num": total,
-        "random_ltd_layer_num": len(ids),
-        "random_ltd_layer_id": ids,
-        "model_mask_name": "attention_mask",
-        "model_type": "decoder",
-        "hidden_state_order": "seq_batch_dim",
-        "random_ltd_schedule": {
-            "min_value": lo,
-            "max_value": hi,
-            "schedule_type": schedule_type,
-            "schedule_config": {"require_steps": require, "seq_per_step": seq},
-        },
-        "layer_token_lr_schedule": {"enabled": False},
-        "global_batch_size": gbs,
-        "micro_batch_size": 4,
-    }
-    cfg.update(extra)
-    return cfg
 
 
 CONFIGS = {

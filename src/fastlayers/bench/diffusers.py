@@ -10,6 +10,8 @@ conv outputs (activation + bias[c] + other) vs `act + bias.view(1, -1, 1, 1) + o
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from fastlayers.bench.harness import Case
@@ -34,8 +36,6 @@ def _block_case(b: int, hw: int, dim: int, heads: int, ctx: int, device: torch.d
         peer = BasicTransformerBlock(dim, heads, dim // heads, cross_attention_dim=768, activation_fn="geglu")
         peer = peer.to(device=device, dtype=dtype).eval()
         t["peer"] = peer
-        import copy
-
         cfg = Diffusers2DTransformerConfig(int8_quantization=int8)
         t["ours"] = DeepSpeedDiffusersTransformerBlock(copy.deepcopy(peer), cfg).eval()
         t["x"] = torch.randn(b, s, dim, device=device, dtype=dtype)

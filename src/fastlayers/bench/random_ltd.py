@@ -19,6 +19,8 @@ sequence) vs the same model unconverted. `work_limit` is the speedup if time wer
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from fastlayers.bench.harness import Case
@@ -103,8 +105,6 @@ def _gpt2_case(b: int, s: int, r: int, width: int, n_layer: int, device: torch.d
     extra: dict = {"work_limit": round(full / kept, 3)}
 
     def setup():
-        import copy
-
         from transformers import GPT2Config, GPT2LMHeadModel
         from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
